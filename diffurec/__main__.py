@@ -1,0 +1,174 @@
+"""``python -m diffurec split|train|evaluate``: each prints one JSON line of results on stdout.
+
+User errors (bad paths, bad config, bad data) print one ``error: ...`` line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from diffurec.errors import DiffuRecError
+
+
+def _emit(result: dict) -> None:
+    print(json.dumps(result, default=str), flush=True)
+
+
+def new_run_name(model: str) -> str:
+    return f"{model}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def cmd_split(args) -> dict:
+    from diffurec.data.sequences import write_split
+
+    stats = write_split(args.data, args.out, min_user=args.min_user, min_item=args.min_item)
+    return {"output": str(Path(args.out).resolve()), **stats}
+
+
+def load_config(config_path: str | None, sets: list[str] | None):
+    from diffurec.config import Config
+
+    cfg = Config.from_yaml(config_path) if config_path else Config()
+    return cfg.with_sets(sets)
+
+
+def cmd_train(args) -> dict:
+    import torch
+
+    from diffurec.data.sequences import load_sequences
+    from diffurec.training import fit, load_checkpoint, resolve_device, test_best
+
+    cfg = load_config(args.config, args.set)
+    if args.output_dir:
+        cfg = cfg.with_overrides({"output_dir": args.output_dir})
+    device = resolve_device(cfg)
+    data = load_sequences(args.data, min_user=cfg.min_user, min_item=cfg.min_item)
+    name = args.resume or args.name or new_run_name(cfg.model)
+    run_dir = Path(cfg.output_dir).resolve() / "runs" / name
+    resume_from = None
+    if args.resume:
+        latest = run_dir / "latest.pt"
+        if not latest.is_file():
+            raise DiffuRecError(f"--resume {name}: no checkpoint at {latest}")
+        resume_from = torch.load(latest, map_location=device, weights_only=False)
+    elif (run_dir / "latest.pt").exists():
+        raise DiffuRecError(f"run '{name}' already exists at {run_dir}; pass --resume {name} to continue it")
+
+    tracker = None
+    if not args.no_mlflow:
+        from diffurec.tracking import MLflowRun, config_params, resolve_tracking_uri
+
+        uri = resolve_tracking_uri(args.mlflow_uri, cfg.output_dir)
+        id_file = run_dir / "mlflow_run_id"
+        run_id = id_file.read_text().strip() if resume_from and id_file.is_file() else None
+        tracker = MLflowRun(uri, experiment=args.experiment, run_name=name, run_id=run_id,
+                            tags={"dataset": str(args.data), "model": cfg.model})
+        tracker.log_params(config_params(cfg))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(tracker.run_id)
+
+    def on_epoch_end(epoch, metrics, state, paths):
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=epoch)
+
+    try:
+        result = fit(cfg, data, run_dir, device=device, resume_from=resume_from,
+                     on_epoch_end=on_epoch_end, progress=not args.no_progress)
+        test = test_best(run_dir, data, device, progress=not args.no_progress)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
+        raise
+    out = {"run_name": name, "checkpoint": str(run_dir / "best.pt"), "best_epoch": result["best_epoch"],
+           "epochs": result["epochs"], "seconds_to_best": round(result["seconds_to_best"], 2),
+           **{f"valid/{k}": v for k, v in result["best_valid"].items()},
+           **{f"test/{k}": v for k, v in test.items()}}
+    if tracker is not None:
+        tracker.log_metrics({k: v for k, v in out.items() if k.startswith("test/")}, step=result["epochs"])
+        tracker.log_metrics({"best_epoch": result["best_epoch"], "seconds_to_best": result["seconds_to_best"]})
+        tracker.log_artifact(run_dir / "best.pt", "checkpoint")
+        tracker.log_artifact(run_dir / "config.yaml")
+        if args.log_model:
+            tracker.log_model(load_checkpoint(run_dir / "best.pt")[0])
+        tracker.finish()
+        out["mlflow_run_id"] = tracker.run_id
+    return out
+
+
+def cmd_evaluate(args) -> dict:
+    from diffurec.data.sequences import load_sequences
+    from diffurec.training import evaluate, load_checkpoint, resolve_device
+
+    if args.reverse_steps is not None and args.reverse_steps < 1:
+        raise DiffuRecError(f"--reverse-steps must be >= 1, got {args.reverse_steps}")
+    model, cfg, _ = load_checkpoint(args.checkpoint, "cpu")
+    cfg = cfg.with_sets(args.set)
+    if args.reverse_steps is not None:
+        cfg = cfg.with_overrides({"reverse_steps": args.reverse_steps}, source="--reverse-steps")
+    device = resolve_device(cfg)
+    model = model.to(device)
+    data = load_sequences(args.data, min_user=cfg.min_user, min_item=cfg.min_item)
+    if data.num_items != model.num_items:
+        raise DiffuRecError(
+            f"--data {args.data} has {data.num_items} items but the checkpoint was trained on "
+            f"{model.num_items}: evaluate on the dataset the model was trained on")
+    began = time.perf_counter()
+    metrics = evaluate(model, data, args.split, cfg, device, reverse_steps=cfg.reverse_steps,
+                       progress=not args.no_progress)
+    seconds = time.perf_counter() - began
+    return {"checkpoint": str(args.checkpoint), "split": args.split, "reverse_steps": cfg.reverse_steps,
+            "users": len(data), "users_per_s": round(len(data) / seconds, 1),
+            **{f"{args.split}/{k}": v for k, v in metrics.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m diffurec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("split", help="split an interaction log into the on-disk sequence format")
+    p.add_argument("--data", required=True, help="interaction log: parquet, csv or jsonl")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--min-user", type=int, default=5)
+    p.add_argument("--min-item", type=int, default=5)
+    p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("train", help="train DiffuRec or SASRec in this process")
+    p.add_argument("--data", required=True, help="prepared dataset directory or raw interaction log")
+    p.add_argument("--config", help="YAML file of config keys")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--name", help="run name (default: unique)")
+    p.add_argument("--resume", metavar="NAME", help="continue the named run from its latest checkpoint")
+    p.add_argument("--output-dir", help="output root (config key output_dir)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite under the output root)")
+    p.add_argument("--experiment", default="diffurec", help="MLflow experiment name")
+    p.add_argument("--no-mlflow", action="store_true", help="do not track the run in MLflow")
+    p.add_argument("--log-model", action="store_true", help="also log the model with mlflow.pytorch")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="full-ranking metrics of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--reverse-steps", type=int)
+    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="evaluation-time keys, e.g. exclude_history=true, reverse_samples=4")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    args = parser.parse_args(argv)
+    try:
+        _emit(args.func(args))
+    except DiffuRecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

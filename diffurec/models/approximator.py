@@ -1,0 +1,131 @@
+"""Transformer blocks shared by DiffuRec's Approximator and SASRec, plus the step embedding.
+
+Histories are left-padded, so the last position is always the most recent real item. Attention
+uses ``scaled_dot_product_attention`` with a key padding mask; a batch with no padding passes no
+mask at all, which lets torch pick its fastest kernel. Only the last position is ever read, so
+the final block computes its query, attention and feed-forward for that row alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def attention_mask(valid: torch.Tensor | None, causal: bool, length: int, device) -> torch.Tensor | None:
+    """Boolean mask [B, 1, L, L] (True = may attend), or None when nothing needs masking.
+
+    ``valid`` [B, L] marks real (non-padding) positions; None means the batch has no padding.
+    Padded query rows keep their own diagonal so that no row is all-masked (which would give
+    NaNs that leak through the values of later layers).
+    """
+    if valid is None and not causal:
+        return None
+    if valid is None:
+        valid = torch.ones(1, length, dtype=torch.bool, device=device)
+    mask = valid[:, None, None, :].expand(-1, 1, length, -1)
+    if causal:
+        mask = mask & torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    eye = torch.eye(length, dtype=torch.bool, device=device)
+    return mask | (eye & ~valid[:, None, :, None])
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + Attn(LN(x)), then x + FFN(LN(x)) with a 4x GELU MLP."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.norm_attn = nn.LayerNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.norm_ffn = nn.LayerNorm(hidden)
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden)
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.attn_dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
+        B, L, H = x.shape
+        h = self.norm_attn(x)
+        q, k, v = self.qkv(h).split(H, dim=-1)
+        if last_only:
+            # only the last row is read downstream: one query row instead of L
+            x, q = x[:, -1:], q[:, -1:]
+            mask = mask[:, :, -1:] if mask is not None else None
+        heads = lambda z: z.view(B, z.shape[1], self.heads, H // self.heads).transpose(1, 2)  # noqa: E731
+        a = F.scaled_dot_product_attention(
+            heads(q), heads(k), heads(v), attn_mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
+        x = x + self.dropout(self.out(a.transpose(1, 2).reshape(B, x.shape[1], H)))
+        return x + self.dropout(self.ffn(self.norm_ffn(x)))
+
+
+class TransformerStack(nn.Module):
+    def __init__(self, hidden: int, heads: int, blocks: int, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, L, H] -> the last position's representation [B, H]."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last_only=i == len(self.blocks) - 1)
+        return x[:, -1]
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) steps, as in improved-diffusion."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class StepEmbedding(nn.Module):
+    """Sinusoid of the step (rescaled to a 1000-step range) through a SiLU MLP."""
+
+    def __init__(self, hidden: int, diffusion_steps: int):
+        super().__init__()
+        self.hidden = hidden
+        self.scale = 1000.0 / diffusion_steps
+        self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.SiLU(), nn.Linear(4 * hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t * self.scale, self.hidden))
+
+
+class Approximator(nn.Module):
+    """x0-hat = f(history, x_t, t): Transformer over history + lambda * (x_t + step embedding).
+
+    lambda is drawn elementwise from N(lambda_mean, lambda_std) at every call (the reference draws
+    it in evaluation too); lambda_std = 0 fixes it at lambda_mean.
+    """
+
+    def __init__(self, hidden: int, heads: int, blocks: int, dropout: float, diffusion_steps: int,
+                 lambda_mean: float, lambda_std: float):
+        super().__init__()
+        self.step_embedding = StepEmbedding(hidden, diffusion_steps)
+        self.transformer = TransformerStack(hidden, heads, blocks, dropout)
+        self.norm = nn.LayerNorm(hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.lambda_mean = lambda_mean
+        self.lambda_std = lambda_std
+
+    def forward(self, history_rep: torch.Tensor, mask: torch.Tensor | None, x_t: torch.Tensor,
+                t: torch.Tensor, sample_lambda: bool = True) -> torch.Tensor:
+        cond = (x_t + self.step_embedding(t)).unsqueeze(1)  # [B, 1, H]
+        if sample_lambda and self.lambda_std > 0:
+            # one draw, fused into the add: rep + (mean + std * eps) * cond
+            eps = torch.randn_like(history_rep)
+            z = torch.addcmul(history_rep + self.lambda_mean * cond, eps, self.lambda_std * cond)
+        else:
+            z = history_rep + self.lambda_mean * cond
+        return self.norm(self.dropout(self.transformer(z, mask)))

@@ -1,0 +1,99 @@
+"""DiffuRec: item embeddings + Approximator + Gaussian diffusion + rounding by inner product.
+
+Training: the target item's embedding x_0 is noised to x_t at a sampled step t; the Approximator
+predicts x_0 from the history and x_t; the loss is cross-entropy of x0-hat . E^T over all items.
+Inference: start from N(0, I), run S strided reverse steps, and score x0-hat . E^T.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffurec.config import Config
+from diffurec.models.approximator import Approximator, attention_mask
+from diffurec.models.diffusion import GaussianDiffusion, make_timestep_sampler
+
+
+class SequenceEncoderBase(nn.Module):
+    """Item (and optional position) embeddings, and scoring against every item."""
+
+    causal = False
+
+    def __init__(self, cfg: Config, num_items: int):
+        super().__init__()
+        self.num_items = num_items
+        self.max_len = cfg.max_len
+        self.attend_to_padding = cfg.attend_to_padding
+        self.item_embeddings = nn.Embedding(num_items + 1, cfg.hidden_size, padding_idx=0)
+        nn.init.normal_(self.item_embeddings.weight, std=cfg.hidden_size**-0.5)
+        with torch.no_grad():
+            self.item_embeddings.weight[0].zero_()
+        self.position_embeddings = (
+            nn.Embedding(cfg.max_len, cfg.hidden_size) if cfg.positional_embedding else None
+        )
+        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.emb_norm = nn.LayerNorm(cfg.hidden_size)
+
+    def embed_history(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, L] left-padded ids -> (representations [B, L, H], attention mask or None)."""
+        x = self.item_embeddings(history)
+        L = history.shape[1]
+        if self.position_embeddings is not None:
+            # positions count back from the most recent item, so padding never shifts them
+            positions = torch.arange(self.max_len - L, self.max_len, device=history.device)
+            x = x + self.position_embeddings(positions)
+        x = self.emb_norm(self.emb_dropout(x))
+        valid = history > 0
+        if self.attend_to_padding or bool(valid.all()):
+            valid = None
+        return x, attention_mask(valid, self.causal, L, history.device)
+
+    def score(self, rep: torch.Tensor) -> torch.Tensor:
+        """Rounding: inner product with every real item; column j is item j + 1."""
+        return rep @ self.item_embeddings.weight[1:].t()
+
+    def cross_entropy(self, rep: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.score(rep).float(), target - 1, reduction="none")
+
+
+class DiffuRec(SequenceEncoderBase):
+    def __init__(self, cfg: Config, num_items: int):
+        super().__init__(cfg, num_items)
+        self.diffusion = GaussianDiffusion(cfg.noise_schedule, cfg.diffusion_steps)
+        self.approximator = Approximator(
+            cfg.hidden_size, cfg.num_heads, cfg.num_blocks, cfg.dropout, cfg.diffusion_steps,
+            cfg.lambda_mean, cfg.lambda_std,
+        )
+        self.timestep_sampler = make_timestep_sampler(cfg.timestep_sampler, cfg.diffusion_steps)
+        self.reverse_steps = cfg.reverse_steps
+        self.deterministic_reverse = cfg.deterministic_reverse
+
+    def forward(self, history: torch.Tensor, target: torch.Tensor,
+                t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict:
+        rep, mask = self.embed_history(history)
+        x0 = self.item_embeddings(target)
+        weights = torch.ones(target.shape[0], device=target.device)
+        if t is None:
+            t, weights = self.timestep_sampler.sample(target.shape[0], target.device)
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        x0_hat = self.approximator(rep, mask, x_t, t)
+        losses = self.cross_entropy(x0_hat, target)
+        if self.training:
+            self.timestep_sampler.update(t, losses)
+        return {"loss": (losses * weights).mean(), "losses": losses, "t": t}
+
+    @torch.no_grad()
+    def predict(self, history: torch.Tensor, reverse_steps: int | None = None,
+                deterministic: bool | None = None, x_T: torch.Tensor | None = None) -> torch.Tensor:
+        """x0-hat [B, H] after the reverse process from x_T ~ N(0, I)."""
+        rep, mask = self.embed_history(history)
+        deterministic = self.deterministic_reverse if deterministic is None else deterministic
+        if x_T is None:
+            x_T = torch.randn(history.shape[0], rep.shape[-1], device=history.device, dtype=rep.dtype)
+
+        def denoise(x_t, t):
+            return self.approximator(rep, mask, x_t, t, sample_lambda=not deterministic)
+
+        return self.diffusion.reverse(denoise, x_T, reverse_steps or self.reverse_steps, deterministic)

@@ -1,0 +1,101 @@
+"""MLflow tracking: where runs go, what a run records.
+
+The default store is an absolute ``sqlite:///<output_dir>/mlflow.db``: MLflow 3 refuses the plain
+file store, and a relative sqlite path breaks once Ray workers run in other directories.
+``--mlflow-uri`` or ``MLFLOW_TRACKING_URI`` point it at a server instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from diffurec.config import Config
+
+DEFAULT_EXPERIMENT = "diffurec"
+
+
+def resolve_tracking_uri(uri: str | None = None, output_dir: str | Path = "outputs") -> str:
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    path = Path(output_dir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def config_params(cfg: Config) -> dict[str, Any]:
+    """The config as MLflow params, under the same key names as YAML, ``--set`` and tune spaces."""
+    return cfg.to_dict()
+
+
+def mlflow_metric_name(key: str) -> str:
+    # MLflow allows '@' and '/' in metric names; keep the library's names unchanged
+    return key
+
+
+class MLflowRun:
+    """One MLflow run: params once, metrics per epoch, artifacts and the model at the end."""
+
+    def __init__(self, tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
+                 tags: dict[str, str] | None = None, parent_run_id: str | None = None, run_id: str | None = None):
+        import mlflow
+
+        self.mlflow = mlflow
+        self.client = mlflow.MlflowClient(tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
+        if run_id is not None:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            tags = dict(tags or {})
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
+        self.tracking_uri = tracking_uri
+        self.experiment_id = exp_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+        for i in range(0, len(fresh), 100):
+            self.client.log_batch(self.run_id, params=fresh[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(mlflow_metric_name(k), float(v), ts, step or 0) for k, v in metrics.items()
+                 if v is not None]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_model(self, model, name: str = "model") -> None:
+        """The model through ``mlflow.pytorch``, so it loads with ``mlflow.pytorch.load_model``."""
+        import mlflow.pytorch
+
+        previous = self.mlflow.get_tracking_uri()
+        self.mlflow.set_tracking_uri(self.tracking_uri)
+        try:
+            with self.mlflow.start_run(run_id=self.run_id):
+                mlflow.pytorch.log_model(model.cpu(), name=name)
+        finally:
+            self.mlflow.set_tracking_uri(previous)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,321 @@
+"""The one training loop: epochs, validation, early stopping, checkpoints, final test.
+
+``fit`` is used as it is by the CLI and inside each Ray Train worker; Ray only supplies the batch
+source of each epoch, the DDP wrapper and a report hook. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffurec.config import Config
+from diffurec.data.batches import iterate_batches, num_batches
+from diffurec.data.sequences import SequenceData, eval_examples, train_examples
+from diffurec.errors import DiffuRecError
+from diffurec.metrics import RankingMetrics, target_ranks
+from diffurec.models import build_model
+
+SELECTION_METRIC = "NDCG@10"
+
+
+# ---- setup ------------------------------------------------------------------------------------
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffuRecError(f"config key 'device' = {cfg.device!r}: no CUDA device is available")
+    return torch.device(cfg.device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_lr_scheduler(optimizer, cfg: Config, steps_per_epoch: int):
+    """Per-step schedule; 'constant' is the reference."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = cfg.warmup_epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; plain fp32 on CPU, where bf16 matmuls are slower."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def progress_bar(total: int | None, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, mininterval=1.0,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+# ---- one epoch --------------------------------------------------------------------------------
+def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer, device: torch.device, *,
+                scheduler=None, grad_clip: float = 0.0, progress=None) -> dict:
+    """Forward, backward and optimizer step over ``batches``; returns loss and throughput."""
+    model.train()
+    loss_sum, samples, began = 0.0, 0, time.perf_counter()
+    for batch in batches:
+        history = batch["history"].to(device, non_blocking=True)
+        target = batch["target"].to(device, non_blocking=True)
+        with autocast(device):
+            loss = model(history, target)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = len(target)
+        loss_sum += loss.item() * n
+        samples += n
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_sum / samples:.4f}", refresh=False)
+    seconds = time.perf_counter() - began
+    return {"loss": loss_sum / max(samples, 1), "samples": samples, "seconds": seconds,
+            "samples_per_s": samples / seconds if seconds > 0 else 0.0}
+
+
+def training_batches(data: SequenceData, cfg: Config, epoch: int, *, shard: tuple[int, int] = (0, 1),
+                     batch_size: int | None = None) -> tuple[Iterable[dict], int]:
+    """This epoch's shuffled, length-bucketed batches (of this shard), and how many there are.
+
+    The permutation depends only on (seed, epoch), so a resumed run replays the same order, and
+    shard k of n takes every n-th example of it: n workers with batch B/n see the same examples
+    per step as one worker with batch B.
+    """
+    ex = train_examples(data, cfg.max_len)
+    rank, world = shard
+    rng = np.random.default_rng([cfg.seed, epoch])
+    order = rng.permutation(len(ex.end))
+    per_worker = batch_size or cfg.batch_size
+    # cut whole global batches first so every worker gets the same number of steps
+    global_batch = per_worker * world
+    usable = (len(order) // global_batch) * global_batch if world > 1 else len(order)
+    mine = order[:usable][rank::world]
+    pad_to = cfg.max_len if cfg.attend_to_padding else None
+    batches = iterate_batches(data.items, ex.start[mine], ex.end[mine], per_worker,
+                              rng=np.random.default_rng([cfg.seed, epoch, 1]), pad_to=pad_to)
+    return batches, num_batches(len(mine), per_worker)
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_sums(model: nn.Module, data: SequenceData, split: str, cfg: Config, device: torch.device, *,
+                  reverse_steps: int | None = None, users: slice | None = None,
+                  progress: bool = False) -> tuple[dict[str, float], int]:
+    """Metric sums and user count over ``split`` (optionally a slice of users, for sharding)."""
+    model.eval()
+    ex = eval_examples(data, split, cfg.max_len)
+    start, end = ex.start, ex.end
+    if users is not None:
+        start, end = start[users], end[users]
+    metrics = RankingMetrics()
+    if len(end) == 0:
+        return metrics.sums, 0
+    pad_to = cfg.max_len if cfg.attend_to_padding else None
+    kwargs = {} if reverse_steps is None else {"reverse_steps": reverse_steps}
+    bar = progress_bar(num_batches(len(end), cfg.eval_batch_size), f"eval {split}", progress)
+    for batch in iterate_batches(data.items, start, end, cfg.eval_batch_size, pad_to=pad_to):
+        history = batch["history"].to(device)
+        target = batch["target"].to(device)
+        with autocast(device):
+            scores = None
+            for _ in range(cfg.reverse_samples):
+                s = model.score(model.predict(history, **kwargs)).float()
+                scores = s if scores is None else scores + s
+        exclude = history if cfg.exclude_history else None
+        metrics.update(target_ranks(scores, target, exclude))
+        bar.update(1)
+    bar.close()
+    return metrics.sums, metrics.count
+
+
+def evaluate(model: nn.Module, data: SequenceData, split: str, cfg: Config, device: torch.device, *,
+             reverse_steps: int | None = None, progress: bool = False) -> dict[str, float]:
+    sums, count = evaluate_sums(model, data, split, cfg, device, reverse_steps=reverse_steps, progress=progress)
+    metrics = RankingMetrics()
+    metrics.merge(sums, count)
+    return metrics.compute()
+
+
+# ---- checkpoints ------------------------------------------------------------------------------
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def model_payload(model: nn.Module, cfg: Config, num_items: int, **extra) -> dict:
+    model = unwrap(model)
+    payload = {"model": model.state_dict(), "config": cfg.to_dict(), "num_items": num_items, **extra}
+    if hasattr(model, "timestep_sampler"):
+        payload["timestep_sampler"] = model.timestep_sampler.state_dict()
+    return payload
+
+
+def save_atomic(payload: dict, path: str | Path) -> Path:
+    """Write then rename, so a crash mid-write never leaves a torn checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config, dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.is_file():
+        raise DiffuRecError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise DiffuRecError(f"{path}: not a diffurec checkpoint ({exc})") from None
+    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+        raise DiffuRecError(f"{path}: not a diffurec checkpoint (no model state and config)")
+    cfg = Config.from_dict(payload["config"], source=str(path))
+    model = build_model(cfg, payload["num_items"]).to(device)
+    model.load_state_dict(payload["model"])
+    if "timestep_sampler" in payload and hasattr(model, "timestep_sampler"):
+        model.timestep_sampler.load_state_dict(payload["timestep_sampler"])
+    return model, cfg, payload
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+@dataclass
+class LoopState:
+    epoch: int = 0  # epochs finished
+    best_metric: float = -1.0
+    best_epoch: int = 0
+    best_valid: dict = field(default_factory=dict)
+    evals_since_best: int = 0
+    seconds: float = 0.0
+    seconds_to_best: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def fit(cfg: Config, data: SequenceData, run_dir: str | Path, *,
+        model: nn.Module | None = None,
+        device: torch.device | None = None,
+        batches_for_epoch: Callable[[int], tuple[Iterable[dict], int]] | None = None,
+        evaluate_valid: Callable[[nn.Module], dict] | None = None,
+        on_epoch_end: Callable[[int, dict, LoopState, dict], None] | None = None,
+        resume_from: dict | None = None,
+        is_main: bool = True,
+        progress: bool = True) -> dict:
+    """Train with early stopping on validation NDCG@10; return the best model's metrics.
+
+    Every epoch writes ``latest.pt`` (full state, for resume) and, on improvement, ``best.pt``
+    (model + config, for export) under ``run_dir``, so a crash loses no finished epoch.
+    ``batches_for_epoch`` and ``evaluate_valid`` let Ray Train plug in its sharded data and
+    distributed evaluation; ``on_epoch_end(epoch, metrics, state, paths)`` is its report hook.
+    """
+    run_dir = Path(run_dir)
+    device = device or resolve_device(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    model = model if model is not None else build_model(cfg, data.num_items).to(device)
+    optimizer = make_optimizer(model, cfg)
+    batches_for_epoch = batches_for_epoch or (lambda epoch: training_batches(data, cfg, epoch))
+    steps_per_epoch = batches_for_epoch(0)[1]
+    scheduler = make_lr_scheduler(optimizer, cfg, steps_per_epoch)
+    evaluate_valid = evaluate_valid or (
+        lambda m: evaluate(unwrap(m), data, "valid", cfg, device, progress=progress and is_main))
+    state = LoopState()
+    if resume_from is not None:
+        unwrap(model).load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        scheduler.load_state_dict(resume_from["scheduler"])
+        if "timestep_sampler" in resume_from and hasattr(unwrap(model), "timestep_sampler"):
+            unwrap(model).timestep_sampler.load_state_dict(resume_from["timestep_sampler"])
+        state = LoopState(**resume_from["loop"])
+        torch.set_rng_state(resume_from["torch_rng"])
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(run_dir / "config.yaml")
+
+    while state.epoch < cfg.epochs and state.evals_since_best < cfg.patience:
+        epoch = state.epoch + 1
+        batches, total = batches_for_epoch(epoch)
+        bar = progress_bar(total, f"epoch {epoch}/{cfg.epochs}", progress and is_main)
+        stats = train_epoch(model, batches, optimizer, device, scheduler=scheduler,
+                            grad_clip=cfg.grad_clip, progress=bar)
+        bar.close()
+        state.epoch = epoch
+        state.seconds += stats["seconds"]
+        metrics = {"train/loss": stats["loss"], "train/samples_per_s": stats["samples_per_s"],
+                   "train/seconds": stats["seconds"]}
+        improved = False
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            valid = evaluate_valid(model)
+            metrics.update({f"valid/{k}": v for k, v in valid.items()})
+            if valid.get(SELECTION_METRIC, 0.0) > state.best_metric:
+                improved = True
+                state.best_metric = valid[SELECTION_METRIC]
+                state.best_epoch = epoch
+                state.best_valid = valid
+                state.evals_since_best = 0
+                state.seconds_to_best = state.seconds
+            else:
+                state.evals_since_best += 1
+        paths = {}
+        if is_main:
+            if improved:
+                paths["best"] = save_atomic(model_payload(model, cfg, data.num_items, epoch=epoch,
+                                                          valid=state.best_valid), run_dir / "best.pt")
+            paths["latest"] = save_atomic(
+                model_payload(model, cfg, data.num_items, optimizer=optimizer.state_dict(),
+                              scheduler=scheduler.state_dict(), loop=state.to_dict(),
+                              torch_rng=torch.get_rng_state()),
+                run_dir / "latest.pt")
+            with open(run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
+            if progress:
+                shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("train/loss", "valid/"))}
+                print(f"epoch {epoch}: {shown}", file=sys.stderr, flush=True)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics, state, paths)
+
+    return {"epochs": state.epoch, "best_epoch": state.best_epoch,
+            "best_valid": state.best_valid, "seconds": state.seconds,
+            "seconds_to_best": state.seconds_to_best, "run_dir": str(run_dir)}
+
+
+def test_best(run_dir: str | Path, data: SequenceData, device: torch.device,
+              reverse_steps: int | None = None, progress: bool = False) -> dict[str, float]:
+    model, cfg, _ = load_checkpoint(Path(run_dir) / "best.pt", device)
+    return evaluate(model, data, "test", cfg, device, reverse_steps=reverse_steps, progress=progress)
