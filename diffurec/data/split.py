@@ -69,22 +69,63 @@ def _check_log_table(table: pa.Table) -> None:
             )
 
 
-def dedupe(table: pa.Table) -> tuple[pa.Table, int]:
+def _is_numeric(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _sort_order(table: pa.Table, order_col: str | None = None) -> np.ndarray:
+    """Stable sort order of the rows by ``(user_id, timestamp[, order_col])``."""
+    keys = ["user_id", "timestamp"] + ([order_col] if order_col else [])
+    if all(_is_numeric(table.schema.field(k).type) for k in keys):
+        cols = [_col(table, k).to_numpy(zero_copy_only=False) for k in reversed(keys)]
+        return np.lexsort(cols)  # stable
+    idx = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys])
+    return idx.to_numpy()
+
+
+def _same_as_previous(arr: pa.Array) -> np.ndarray:
+    """bool[n-1]: value i+1 equals value i."""
+    n = len(arr)
+    if _is_numeric(arr.type):
+        a = arr.to_numpy(zero_copy_only=False)
+        return a[1:] == a[:-1]
+    return pc.equal(arr.slice(1), arr.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+
+
+def dedupe(table: pa.Table, presorted: bool = False) -> tuple[pa.Table, int]:
     """Drop exact duplicate events (same user, item and timestamp).
 
     Keeps the first occurrence of each and the input order. Returns ``(table, n_removed)``.
+    ``presorted=True`` promises the rows are already ordered by ``(user_id, timestamp)`` (as
+    :func:`sort_events` leaves them), which saves a sort.
     """
     n = table.num_rows
-    if n == 0:
+    if n < 2:
         return table, 0
-    keys = ["user_id", "item_id", "timestamp"]
-    t = table.select(keys).append_column("__row", pa.array(np.arange(n, dtype=np.int64)))
-    firsts = t.group_by(keys, use_threads=True).aggregate([("__row", "min")])
-    kept = len(firsts)
-    if kept == n:
+    order = None if presorted else _sort_order(table)
+    keys = table.select(["user_id", "timestamp"])
+    if order is not None:
+        keys = keys.take(pa.array(order))
+    # Duplicates share (user, timestamp), so they sit in runs of equal keys in sorted order.
+    tie = _same_as_previous(_col(keys, "user_id")) & _same_as_previous(_col(keys, "timestamp"))
+    if not tie.any():
         return table, 0
-    idx = np.sort(firsts.column("__row_min").to_numpy())
-    return table.take(pa.array(idx)), n - kept
+    in_run = np.zeros(n, dtype=bool)
+    in_run[1:] |= tie
+    in_run[:-1] |= tie
+    cand = np.flatnonzero(in_run)
+    rows = cand if order is None else np.sort(order[cand])
+    sub = table.select(["user_id", "item_id", "timestamp"]).take(pa.array(rows))
+    sub = sub.append_column("__row", pa.array(rows))
+    firsts = sub.group_by(["user_id", "item_id", "timestamp"], use_threads=False).aggregate(
+        [("__row", "min")]
+    )
+    if len(firsts) == len(rows):
+        return table, 0
+    keep = np.ones(n, dtype=bool)
+    keep[rows] = False
+    keep[firsts.column("__row_min").to_numpy()] = True
+    return table.filter(pa.array(keep)), n - int(keep.sum())
 
 
 def count_values(table: pa.Table, column: str) -> pa.Table:
@@ -142,6 +183,13 @@ def kcore(table: pa.Table, min_user: int, min_item: int) -> tuple[pa.Table, dict
     info = {"events": 0, "users": 0, "items": 0, "iterations": 0}
     if n == 0 or (min_user <= 0 and min_item <= 0):
         return table, info
+    # Fast path: already a k-core (the usual case for a prepared benchmark log).
+    uc = count_values(table, "user_id").column("count")
+    ic = count_values(table, "item_id").column("count")
+    if (min_user <= 0 or pc.min(uc).as_py() >= min_user) and (
+        min_item <= 0 or pc.min(ic).as_py() >= min_item
+    ):
+        return table, info
     ucodes, n_users = _codes(_col(table, "user_id"))
     icodes, n_items = _codes(_col(table, "item_id"))
     cur = np.arange(n, dtype=np.int64)
@@ -158,8 +206,8 @@ def kcore(table: pa.Table, min_user: int, min_item: int) -> tuple[pa.Table, dict
         keep = ~bad
         cur, u, i = cur[keep], u[keep], i[keep]
     info["events"] = n - len(cur)
-    info["users"] = n_users - len(np.unique(u)) if len(u) else n_users
-    info["items"] = n_items - len(np.unique(i)) if len(i) else n_items
+    info["users"] = n_users - int(np.count_nonzero(np.bincount(u, minlength=n_users)))
+    info["items"] = n_items - int(np.count_nonzero(np.bincount(i, minlength=n_items)))
     if len(cur) == n:
         return table, info
     return table.take(pa.array(cur)), info
@@ -196,22 +244,29 @@ def build_item_map(table: pa.Table) -> pa.Table:
     )
 
 
-def sort_events(table: pa.Table) -> pa.Table:
-    """Events ordered by ``(user_id, timestamp)``; a stable sort, so ties keep input order."""
-    idx = pc.sort_indices(
-        table, sort_keys=[("user_id", "ascending"), ("timestamp", "ascending")]
-    )
-    return table.take(idx)
+def sort_events(table: pa.Table, order_col: str | None = None) -> pa.Table:
+    """Events ordered by ``(user_id, timestamp)``; a stable sort, so ties keep input order.
+
+    ``order_col`` names a column holding each row's position in the log: ties are then ordered
+    by it instead of by row order (the Ray pipeline's blocks are not in log order).
+    """
+    if table.num_rows < 2:
+        return table
+    return table.take(pa.array(_sort_order(table, order_col)))
 
 
 def user_sequences(
-    table: pa.Table, item_map: pa.Table, min_length: int = MIN_SEQUENCE_LENGTH
+    table: pa.Table,
+    item_map: pa.Table,
+    min_length: int = MIN_SEQUENCE_LENGTH,
+    presorted: bool = False,
 ) -> pa.Table:
     """``Table(user_id, items: list<int64>)``, one row per user, rows sorted by ``user_id``.
 
     Each user's events are ordered by timestamp (stable: ties keep input order) and their items
     replaced by dense ids from ``item_map``. Users with fewer than ``min_length`` events are left
     out (count them beforehand with :func:`drop_short_users`, as :func:`split_log` does).
+    ``presorted=True`` promises the rows are already in :func:`sort_events` order.
     """
     _check_log_table(table)
     user_type = table.schema.field("user_id").type
@@ -219,7 +274,7 @@ def user_sequences(
         return pa.table(
             {"user_id": pa.array([], user_type), "items": pa.array([], pa.list_(pa.int64()))}
         )
-    t = sort_events(table)
+    t = table if presorted else sort_events(table)
     users = _col(t, "user_id")
     pos = pc.index_in(_col(t, "item_id"), value_set=_col(item_map, "item_id"))
     if pos.null_count:
@@ -227,7 +282,7 @@ def user_sequences(
         raise DiffuRecError(f"item_map: item_id {missing!r} of the log is not in the item map")
     dense = _col(item_map, "item").take(pos)
     n = len(users)
-    change = pc.not_equal(users.slice(1), users.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    change = ~_same_as_previous(users)
     starts = np.concatenate([[0], np.flatnonzero(change) + 1]).astype(np.int64)
     lengths = np.diff(np.concatenate([starts, [n]]))
     keep_users = lengths >= min_length
@@ -242,9 +297,11 @@ def user_sequences(
 
 
 def make_stats(
-    sequences: pa.Table,
-    num_items: int,
     *,
+    users: int,
+    interactions: int,
+    max_length: int,
+    num_items: int,
     input_events: int,
     duplicates: int,
     kcore_info: dict,
@@ -255,9 +312,6 @@ def make_stats(
     extra_removed: dict | None = None,
 ) -> dict:
     """The ``stats.json`` dict. Shared with the Ray pipeline so both write identical stats."""
-    lengths = pc.list_value_length(sequences.column("items")) if sequences.num_rows else None
-    users = sequences.num_rows
-    interactions = int(pc.sum(lengths).as_py()) if users else 0
     removed = {
         "duplicates": int(duplicates),
         "kcore_events": int(kcore_info["events"]),
@@ -272,9 +326,9 @@ def make_stats(
     return {
         "users": int(users),
         "items": int(num_items),
-        "interactions": interactions,
+        "interactions": int(interactions),
         "mean_length": round(interactions / users, 4) if users else 0.0,
-        "max_length": int(pc.max(lengths).as_py()) if users else 0,
+        "max_length": int(max_length),
         "input_events": int(input_events),
         "min_user": int(min_user),
         "min_item": int(min_item),
@@ -307,7 +361,9 @@ def split_log(
     _check_log_table(table)
     table = table.select(["user_id", "item_id", "timestamp"])
     input_events = table.num_rows
-    table, n_dup = dedupe(table)
+    # Sort once; every later step keeps row order, so user_sequences can skip its sort.
+    table = sort_events(table)
+    table, n_dup = dedupe(table, presorted=True)
     table, kinfo = kcore(table, min_user, min_item)
     table, short_users, short_events = drop_short_users(table)
     if table.num_rows == 0:
@@ -317,10 +373,13 @@ def split_log(
             f"k-core removed {kinfo['events']}, short users removed {short_events})"
         )
     items = build_item_map(table)
-    seqs = user_sequences(table, items)
+    seqs = user_sequences(table, items, presorted=True)
+    lengths = pc.list_value_length(seqs.column("items"))
     stats = make_stats(
-        seqs,
-        len(items),
+        users=seqs.num_rows,
+        interactions=int(pc.sum(lengths).as_py()),
+        max_length=int(pc.max(lengths).as_py()),
+        num_items=len(items),
         input_events=input_events,
         duplicates=n_dup,
         kcore_info=kinfo,
