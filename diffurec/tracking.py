@@ -32,8 +32,13 @@ def config_params(cfg: Config) -> dict[str, Any]:
 
 
 def mlflow_metric_name(key: str) -> str:
-    # MLflow allows '@' and '/' in metric names; keep the library's names unchanged
-    return key
+    """MLflow rejects '@' in metric names: ``valid/NDCG@10`` is logged as ``valid/NDCG_at_10``."""
+    return key.replace("@", "_at_")
+
+
+def library_metric_name(key: str) -> str:
+    """Inverse of :func:`mlflow_metric_name`."""
+    return key.replace("_at_", "@")
 
 
 class MLflowRun:

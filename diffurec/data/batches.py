@@ -56,3 +56,27 @@ def iterate_batches(items: np.ndarray, start: np.ndarray, end: np.ndarray, batch
 
 def num_batches(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size
+
+
+def iterate_window_batches(items: np.ndarray, windows, batch_size: int, *,
+                           rng: np.random.Generator | None = None, pad_to: int | None = None,
+                           max_batches: int | None = None) -> Iterator[dict]:
+    """Length-bucketed batches from a stream of example windows (``(start, end)`` index arrays).
+
+    For sources that hand examples over in chunks (a Ray Data shard's ``iter_batches``): each
+    window is shuffled with ``rng``, sorted by history length, cut into batches of ``batch_size``
+    and the batch order shuffled, exactly as :func:`iterate_batches` does over a whole epoch.
+    Windows of ``batch_size * BUCKET_WINDOW`` examples give the same bucketing as one pass.
+    ``max_batches`` stops after that many batches (equal step counts across DDP workers).
+    """
+    produced = 0
+    for start, end in windows:
+        start = np.asarray(start, dtype=np.int64)
+        end = np.asarray(end, dtype=np.int64)
+        if len(end) == 0:
+            continue
+        for batch in iterate_batches(items, start, end, batch_size, rng=rng, pad_to=pad_to):
+            if max_batches is not None and produced >= max_batches:
+                return
+            produced += 1
+            yield batch

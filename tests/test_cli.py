@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from diffurec.data.synthetic import write_synthetic_log
+
+TINY = ["hidden_size=16", "num_blocks=1", "num_heads=2", "max_len=10", "diffusion_steps=4", "reverse_steps=4",
+        "batch_size=64", "epochs=2"]
+
+
+def run_cli(*args, cwd=None):
+    proc = subprocess.run([sys.executable, "-m", "diffurec", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+    return proc
+
+
+def last_json(proc):
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory):
+    path = tmp_path_factory.mktemp("log") / "log.parquet"
+    write_synthetic_log(path, num_users=300, num_items=60, mean_length=8, seed=1)
+    return path
+
+
+def test_split_train_evaluate(log, tmp_path):
+    out = last_json(run_cli("split", "--data", str(log), "--out", str(tmp_path / "seq")))
+    assert out["users"] == 300 and (tmp_path / "seq" / "stats.json").is_file()
+    sets = [a for s in TINY for a in ("--set", s)]
+    train = last_json(run_cli("train", "--data", str(tmp_path / "seq"), *sets, "--output-dir", str(tmp_path / "o"),
+                              "--no-mlflow", "--no-progress", "--name", "r1"))
+    assert train["run_name"] == "r1"
+    assert {"test/HR@10", "test/NDCG@10", "valid/NDCG@10", "checkpoint"} <= set(train)
+    ev = last_json(run_cli("evaluate", "--checkpoint", train["checkpoint"], "--data", str(tmp_path / "seq"),
+                           "--reverse-steps", "2", "--split", "valid", "--no-progress"))
+    assert ev["reverse_steps"] == 2 and 0 <= ev["valid/HR@10"] <= 1
+    # the same name again is refused rather than silently overwritten; --resume continues it
+    again = run_cli("train", "--data", str(tmp_path / "seq"), *sets, "--output-dir", str(tmp_path / "o"),
+                    "--no-mlflow", "--name", "r1")
+    assert again.returncode == 2 and "--resume r1" in again.stderr
+    resumed = last_json(run_cli("train", "--data", str(tmp_path / "seq"), *sets, "--set", "epochs=3",
+                                "--output-dir", str(tmp_path / "o"), "--no-mlflow", "--no-progress",
+                                "--resume", "r1"))
+    assert resumed["epochs"] == 3
+
+
+def test_train_on_raw_log_tracks_in_mlflow(log, tmp_path):
+    sets = [a for s in TINY for a in ("--set", s)]
+    out = last_json(run_cli("train", "--data", str(log), *sets, "--output-dir", str(tmp_path / "o"),
+                            "--no-progress"))
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'o' / 'mlflow.db'}")
+    run = client.get_run(out["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["noise_schedule"] == "trunc_lin" and run.data.params["hidden_size"] == "16"
+    assert "test/NDCG_at_10" in run.data.metrics and "valid/NDCG_at_10" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
+
+
+@pytest.mark.parametrize("args,match", [
+    (["train", "--data", "{log}", "--set", "noise_schedule=zigzag"], "noise_schedule"),
+    (["train", "--data", "{log}", "--set", "reverse_steps=64"], "reverse_steps"),
+    (["train", "--data", "/nonexistent/log.parquet"], "/nonexistent/log.parquet"),
+    (["evaluate", "--checkpoint", "/nonexistent.pt", "--data", "{log}"], "checkpoint not found"),
+])
+def test_bad_input_is_one_line_error(log, tmp_path, args, match):
+    proc = run_cli(*[a.replace("{log}", str(log)) for a in args], "--no-progress", cwd=tmp_path) if args[0] == "evaluate" \
+        else run_cli(*[a.replace("{log}", str(log)) for a in args], "--no-mlflow", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and match in proc.stderr
