@@ -1,0 +1,130 @@
+"""Training samples/s and full-ranking evaluation users/s, with the reference hyper-parameters.
+
+    python benchmarks/throughput.py [--data DIR_OR_LOG] [--device cpu|cuda] [--threads 2]
+                                    [--batches 30] [--model diffurec|sasrec] [--eval-users 2048]
+                                    [--reference-baseline]
+
+Prints one JSON object: {"train_samples_per_s": .., "eval_users_per_s": {"32": .., "8": .., "4": .., "1": ..}}.
+``--reference-baseline`` also times, in the same run, the reference's padding behaviour
+(every batch padded to max_len, attention over padding) so speed-ups are read as ratios
+measured on the same machine at the same moment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from diffurec.config import Config  # noqa: E402
+from diffurec.data.batches import iterate_batches  # noqa: E402
+from diffurec.data.sequences import eval_examples, load_sequences  # noqa: E402
+from diffurec.models import build_model  # noqa: E402
+from diffurec.training import autocast, make_optimizer, train_epoch, training_batches  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "beauty" / "interactions.parquet"
+
+
+def load_data(path: str | None):
+    if path:
+        return load_sequences(path), path
+    if DEFAULT_DATA.exists():
+        return load_sequences(DEFAULT_DATA), str(DEFAULT_DATA)
+    from diffurec.data.sequences import sequence_data_from_tables
+    from diffurec.data.split import split_log
+    from diffurec.data.synthetic import generate_synthetic_log
+
+    res = split_log(generate_synthetic_log(num_users=20000, num_items=10000, mean_length=9, seed=0))
+    return sequence_data_from_tables(res.sequences, int(res.items.num_rows), res.stats), "synthetic"
+
+
+def time_training(cfg: Config, data, device, batches: int, warmup: int = 3) -> float:
+    torch.manual_seed(0)
+    model = build_model(cfg, data.num_items).to(device)
+    optimizer = make_optimizer(model, cfg)
+    stream, _ = training_batches(data, cfg, epoch=1)
+    stream = list(itertools.islice(stream, warmup + batches))
+    train_epoch(model, stream[:warmup], optimizer, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    stats = train_epoch(model, stream[warmup:], optimizer, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return stats["samples_per_s"]
+
+
+@torch.no_grad()
+def time_eval(cfg: Config, data, device, users: int, reverse_steps: int) -> float:
+    torch.manual_seed(0)
+    model = build_model(cfg, data.num_items).to(device).eval()
+    ex = eval_examples(data, "valid", cfg.max_len)
+    pick = np.sort(np.random.default_rng(0).permutation(len(ex.end))[:users])
+    pad_to = cfg.max_len if cfg.attend_to_padding else None
+    batches = list(iterate_batches(data.items, ex.start[pick], ex.end[pick], cfg.eval_batch_size, pad_to=pad_to))
+    from diffurec.metrics import RankingMetrics, target_ranks
+
+    def run(bs):
+        m = RankingMetrics()
+        for b in bs:
+            history, target = b["history"].to(device), b["target"].to(device)
+            with autocast(device):
+                scores = model.score(model.predict(history, reverse_steps=reverse_steps))
+            m.update(target_ranks(scores, target))
+        return m
+
+    run(batches[:1])  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    run(batches)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(pick) / (time.perf_counter() - began)
+
+
+def measure(cfg, data, device, args) -> dict:
+    out = {"train_samples_per_s": round(time_training(cfg, data, device, args.batches), 1)}
+    steps = [s for s in (32, 8, 4, 1) if s <= cfg.diffusion_steps] if cfg.model == "diffurec" else [1]
+    out["eval_users_per_s"] = {str(s): round(time_eval(cfg, data, device, args.eval_users, s), 1) for s in steps}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--model", choices=("diffurec", "sasrec"), default="diffurec")
+    parser.add_argument("--eval-users", type=int, default=2048)
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE")
+    parser.add_argument("--reference-baseline", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    data, source = load_data(args.data)
+    cfg = Config().with_sets([f"model={args.model}"] + (args.set or []))
+    result = {"data": source, "device": str(device), "threads": torch.get_num_threads(), "model": args.model,
+              **measure(cfg, data, device, args)}
+    if args.reference_baseline:
+        ref = measure(cfg.with_overrides({"attend_to_padding": True}), data, device, args)
+        result["reference_padding"] = ref
+        result["speedup_vs_reference_padding"] = {
+            "train": round(result["train_samples_per_s"] / ref["train_samples_per_s"], 2),
+            **{k: round(result["eval_users_per_s"][k] / v, 2) for k, v in ref["eval_users_per_s"].items()},
+        }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
