@@ -19,6 +19,12 @@ def _emit(result: dict) -> None:
     print(json.dumps(result, default=str), flush=True)
 
 
+def dataset_name(path: str) -> str:
+    """A readable dataset tag: the prepared folder's name, or a log file's folder name."""
+    p = Path(path).resolve()
+    return p.parent.name if p.is_file() else p.name
+
+
 def new_run_name(model: str) -> str:
     return f"{model}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
@@ -67,7 +73,8 @@ def cmd_train(args) -> dict:
         id_file = run_dir / "mlflow_run_id"
         run_id = id_file.read_text().strip() if resume_from and id_file.is_file() else None
         tracker = MLflowRun(uri, experiment=args.experiment, run_name=name, run_id=run_id,
-                            tags={"dataset": str(args.data), "model": cfg.model})
+                            tags={"dataset": dataset_name(args.data), "data_path": str(args.data),
+                                  "model": cfg.model})
         tracker.log_params(config_params(cfg))
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(tracker.run_id)

@@ -58,7 +58,7 @@ class Config:
     deterministic_reverse: bool = False
     reverse_samples: int = 1
     # evaluation
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 512
     exclude_history: bool = False
     # data (used when --data is a raw log that must be split first)
     min_user: int = 5

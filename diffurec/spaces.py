@@ -124,7 +124,19 @@ class SearchSpace:
         try:
             return cfg.with_overrides(plain, source=f"{self.path}: fixed")
         except DiffuRecError as exc:
-            raise DiffuRecError(str(exc)) from None
+            # a sampled key may be what makes the fixed values valid (hidden_size 30 with
+            # num_heads sampled from [2, 5]): hold the sampled keys at a corner and retry
+            sampled = {k: d.corners()[0] for k, d in self.params.items() if k not in SPECIAL_KEYS}
+            if "reverse_steps" in self.params:
+                sampled["reverse_steps"] = min(self.params["reverse_steps"].corners())
+            if "diffusion_steps" in self.params:
+                sampled["diffusion_steps"] = max(self.params["diffusion_steps"].corners())
+            if REVERSE_FRACTION in self.params or REVERSE_FRACTION in merged:
+                sampled.setdefault("reverse_steps", 1)
+            try:
+                return cfg.with_overrides({**plain, **sampled}, source=f"{self.path}: fixed")
+            except DiffuRecError:
+                raise DiffuRecError(f"{self.path}: fixed/--set values give an invalid config: {exc}") from None
 
     def specials(self, sets: dict[str, Any] | None = None) -> dict[str, Any]:
         merged = {**self.fixed, **(sets or {})}
@@ -314,11 +326,19 @@ def check_space(space: SearchSpace, base: Config) -> None:
     specials = space.specials()
     if REVERSE_FRACTION in space.params:  # the key-by-key pass keeps reverse_steps derived
         specials[REVERSE_FRACTION] = space.params[REVERSE_FRACTION].corners()[-1]
+    # key by key, the pair (diffusion_steps, reverse_steps) is held at its most lenient corner;
+    # the pair itself is checked right after
+    lenient = {}
+    if "reverse_steps" in space.params:
+        lenient["reverse_steps"] = min(space.params["reverse_steps"].corners())
+    if "diffusion_steps" in space.params:
+        lenient["diffusion_steps"] = max(space.params["diffusion_steps"].corners())
     path = space.path
     for key, dist in space.params.items():
+        others = {k: v for k, v in lenient.items() if k != key}
         for value in dist.corners():
             try:
-                trial_config(base, {**specials, key: value})
+                trial_config(base, {**specials, **others, key: value})
             except DiffuRecError as exc:
                 msg = str(exc).split(": ", 1)[-1] if str(exc).startswith("trial: ") else str(exc)
                 hint = ""

@@ -68,7 +68,7 @@ from pipelines._common import (  # noqa: E402
 )
 
 __all__ = ["make_trainer", "train_loop_per_worker", "main", "resolve_data", "check_scaling",
-           "examples_dataset", "summarize"]
+           "examples_dataset", "summarize", "log_pytorch_model"]
 
 DATASET_NAME = "train"
 CHECKPOINT_FILES = ("latest.pt", "best.pt", "mlflow_run_id")
@@ -190,6 +190,27 @@ def _write_status(status_dir: str | None, **fields) -> None:
     os.replace(tmp, path)
 
 
+def log_pytorch_model(tracker, model, name: str = "model") -> None:
+    """The best model through ``mlflow.pytorch`` (loads with ``mlflow.pytorch.load_model``).
+
+    MLflow 3.17 defaults to the traced 'pt2' format, which needs an input example and traces
+    ``forward`` (the training loss here); the pickled module is what a recommender needs. The
+    requirements are given, not inferred: inference re-imports the model in a subprocess (slow).
+    """
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    try:
+        with mlflow.start_run(run_id=tracker.run_id):
+            mlflow.pytorch.log_model(model.cpu().eval(), name=name, serialization_format="pickle",
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train worker: ``diffurec.training.fit`` with Ray's data shard, DDP, distributed
     validation, per-epoch ``ray.train.report`` and resume from ``ray.train.get_checkpoint()``.
@@ -201,6 +222,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
+    from ray.train import CheckpointConsistencyMode
 
     from diffurec.data.batches import BUCKET_WINDOW, iterate_window_batches, num_batches
     from diffurec.data.sequences import load_sequences, train_examples
@@ -320,6 +342,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if (run_dir / name).is_file():
                     shutil.copy2(run_dir / name, ckpt_dir / name)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))
+            # report() only queues the checkpoint; the controller registers it when it next polls
+            # (every ~2 s). Wait for that, so a worker killed right after this epoch still
+            # restarts from it: no finished epoch is lost.
+            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
         finally:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
 
@@ -336,7 +362,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tracker.log_artifact(run_dir / "best.pt", "checkpoint")
             tracker.log_artifact(run_dir / "config.yaml")
             if loop_config.get("log_model", True):
-                tracker.log_model(load_checkpoint(run_dir / "best.pt")[0])
+                log_pytorch_model(tracker, load_checkpoint(run_dir / "best.pt")[0])
             tracker.finish()
     except BaseException:
         if tracker is not None:
@@ -503,8 +529,10 @@ def _main(argv: list[str] | None) -> int:
         try:
             result = trainer.fit()
         except Exception as exc:  # ray.train.TrainingFailedError and friends: not a user error
-            print_error(f"training run '{name}' failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-                        f" (logs and checkpoints under {run_path}; --resume {name} continues it)")
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            cause = lines[-1] if lines else type(exc).__name__
+            print_error(f"training run '{name}' failed: {cause} (checkpoints under {run_path}; "
+                        f"--resume {name} continues it)")
             return 1
         summary = summarize(result, uri, name)
         summary.update({"num_workers": args.num_workers, "storage_path": str(run_path), "data": str(data_dir)})

@@ -179,14 +179,16 @@ def worker_resources(args, cluster: dict[str, float], started_here: bool) -> dic
     if args.cpus_per_worker is not None:
         cpw = args.cpus_per_worker
     else:
-        total = cluster.get("CPU", 1.0)
+        # what is left after the trial functions' slivers, shared by the concurrent trials' workers
+        total = cluster.get("CPU", 1.0) - args.max_concurrent * TRIAL_DRIVER_CPU
         cpw = min(1.0, total / max(1, args.max_concurrent * workers))
         cpw = max(0.1, math.floor(cpw * 100) / 100)
     res = {"CPU": cpw}
     if args.use_gpu:
         res["GPU"] = 1.0
     for kind, per in res.items():
-        need, have = per * workers, cluster.get(kind, 0.0)
+        need = per * workers + (TRIAL_DRIVER_CPU if kind == "CPU" else 0.0)
+        have = cluster.get(kind, 0.0)
         if need > have + 1e-9:
             msg = (f"a trial needs {need:g} {kind} ({workers} workers x {per:g}) but the cluster has "
                    f"{have:g}: lower --workers-per-trial / --cpus-per-worker")
@@ -223,6 +225,11 @@ def run_trial(sampled: dict, setup: dict) -> None:
         parent_run_id=setup["parent_run_id"], resources_per_worker=setup["resources"],
         max_failures=setup["max_failures"], callbacks=[TuneReportCallback()], tags=tags,
         log_model=False)  # only the best trial's model is logged (and registered) by the sweep
+    # Train V2 retries controller errors (a worker group that cannot start) forever by default
+    # (controller_failure_limit=-1): a trial that cannot be placed would hang. Bound the retries.
+    failure = getattr(getattr(trainer, "run_config", None), "failure_config", None)
+    if failure is not None and getattr(failure, "controller_failure_limit", 0) < 0:
+        failure.controller_failure_limit = setup["max_failures"]
     trainer.fit()
 
 
@@ -505,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster = ray.cluster_resources()
         resources = worker_resources(args, cluster, started_here)
-        fits = math.floor(cluster.get("CPU", 0) / (resources["CPU"] * args.workers_per_trial) + 1e-9)
+        fits = math.floor(cluster.get("CPU", 0) / (resources["CPU"] * args.workers_per_trial + TRIAL_DRIVER_CPU)
+                          + 1e-9)
         max_concurrent = args.max_concurrent
         if started_here and fits < max_concurrent:
             log(f"only {fits} trial(s) fit this machine's {cluster.get('CPU', 0):g} CPUs at once; "

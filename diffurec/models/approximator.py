@@ -51,16 +51,14 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
         B, L, H = x.shape
-        h = self.norm_attn(x)
-        q, k, v = self.qkv(h).split(H, dim=-1)
+        # [B, L, 3H] -> three [B, heads, L, d] views, no copies
+        q, k, v = self.qkv(self.norm_attn(x)).view(B, L, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)
         if last_only:
             # only the last row is read downstream: one query row instead of L
-            x, q = x[:, -1:], q[:, -1:]
+            x, q = x[:, -1:], q[:, :, -1:]
             mask = mask[:, :, -1:] if mask is not None else None
-        heads = lambda z: z.view(B, z.shape[1], self.heads, H // self.heads).transpose(1, 2)  # noqa: E731
         a = F.scaled_dot_product_attention(
-            heads(q), heads(k), heads(v), attn_mask=mask,
-            dropout_p=self.attn_dropout if self.training else 0.0,
+            q, k, v, attn_mask=mask, dropout_p=self.attn_dropout if self.training else 0.0,
         )
         x = x + self.dropout(self.out(a.transpose(1, 2).reshape(B, x.shape[1], H)))
         return x + self.dropout(self.ffn(self.norm_ffn(x)))
