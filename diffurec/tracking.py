@@ -8,6 +8,7 @@ file store, and a relative sqlite path breaks once Ray workers run in other dire
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,24 @@ def resolve_tracking_uri(uri: str | None = None, output_dir: str | Path = "outpu
     path = Path(output_dir).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
+
+
+@contextmanager
+def sqlite_init_lock(tracking_uri: str):
+    """Serialise first use of a sqlite store: two processes creating its tables at once (Tune
+    trials, parallel runs) collide in MLflow's schema migration."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = tracking_uri[len("sqlite:///"):] + ".lock"
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def config_params(cfg: Config) -> dict[str, Any]:
@@ -50,8 +69,9 @@ class MLflowRun:
 
         self.mlflow = mlflow
         self.client = mlflow.MlflowClient(tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
+        with sqlite_init_lock(tracking_uri):
+            exp = self.client.get_experiment_by_name(experiment)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
         if run_id is not None:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")

@@ -437,14 +437,18 @@ def summarize(result, mlflow_uri: str, name: str) -> dict:
     out = {"run_name": name, "checkpoint": str(Path(ckpt_path) / "best.pt"), "mlflow_run_id": run_id,
            "best_epoch": payload.get("epoch"), "epochs": metrics.get("epoch"),
            **{f"valid/{k}": v for k, v in (payload.get("valid") or {}).items()}}
-    frame = getattr(result, "metrics_dataframe", None)
-    if frame is not None and "train/samples_per_s" in getattr(frame, "columns", []):
-        out["train/samples_per_s"] = float(frame["train/samples_per_s"].mean())
     if run_id:
         import mlflow
 
-        run = mlflow.MlflowClient(mlflow_uri).get_run(run_id)
-        from diffurec.tracking import library_metric_name
+        from diffurec.tracking import library_metric_name, mlflow_metric_name
+
+        client = mlflow.MlflowClient(mlflow_uri)
+        run = client.get_run(run_id)
+        # throughput: mean over the epochs after the first (which also pays for start-up)
+        speeds = [m.value for m in sorted(client.get_metric_history(run_id, mlflow_metric_name("train/samples_per_s")),
+                                          key=lambda m: m.step)]
+        if speeds:
+            out["train/samples_per_s"] = sum(speeds[1:] or speeds) / len(speeds[1:] or speeds)
 
         test = {library_metric_name(k): v for k, v in run.data.metrics.items() if k.startswith("test/")}
         out.update(dict(sorted(test.items())))

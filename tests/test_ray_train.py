@@ -273,7 +273,10 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, prepared, tm
 
 # ---- same semantics on any worker count --------------------------------------------------------
 def test_two_workers_half_batch_follow_one_worker(ray_local, prepared, tmp_path):
+    import mlflow
+
     import pipelines.train as train
+    from diffurec.tracking import mlflow_metric_name
 
     cfg = Config().with_overrides(dict(TINY, epochs=4, model="sasrec", batch_size=64, seed=3))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -282,8 +285,10 @@ def test_two_workers_half_batch_follow_one_worker(ray_local, prepared, tmp_path)
         trainer = train.make_trainer(cfg, str(prepared), num_workers=workers, name=f"equiv-{workers}",
                                      storage_path=str(tmp_path / "ray_results"), mlflow_uri=uri,
                                      max_failures=0, log_model=False)
-        frame = trainer.fit().metrics_dataframe.sort_values("epoch")
-        curves[workers] = frame["valid/NDCG@10"].tolist()
+        result = trainer.fit()
+        history = mlflow.MlflowClient(uri).get_metric_history(result.metrics["mlflow_run_id"],
+                                                              mlflow_metric_name("valid/NDCG@10"))
+        curves[workers] = [m.value for m in sorted(history, key=lambda m: m.step)]
     one, two = curves[1], curves[2]
     assert len(one) == len(two) == 4
     # both learn (the planted structure is far above chance: 10/120 items ~ NDCG 0.04) ...
