@@ -25,6 +25,16 @@ def dataset_name(path: str) -> str:
     return p.parent.name if p.is_file() else p.name
 
 
+def parse_tags(items: list[str] | None) -> dict[str, str]:
+    tags = {}
+    for item in items or []:
+        if "=" not in item:
+            raise DiffuRecError(f"--tag expects key=value, got '{item}'")
+        key, value = item.split("=", 1)
+        tags[key.strip()] = value.strip()
+    return tags
+
+
 def new_run_name(model: str) -> str:
     return f"{model}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
@@ -74,7 +84,7 @@ def cmd_train(args) -> dict:
         run_id = id_file.read_text().strip() if resume_from and id_file.is_file() else None
         tracker = MLflowRun(uri, experiment=args.experiment, run_name=name, run_id=run_id,
                             tags={"dataset": dataset_name(args.data), "data_path": str(args.data),
-                                  "model": cfg.model})
+                                  "model": cfg.model, **parse_tags(args.tag)})
         tracker.log_params(config_params(cfg))
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(tracker.run_id)
@@ -124,13 +134,29 @@ def cmd_evaluate(args) -> dict:
         raise DiffuRecError(
             f"--data {args.data} has {data.num_items} items but the checkpoint was trained on "
             f"{model.num_items}: evaluate on the dataset the model was trained on")
-    began = time.perf_counter()
-    metrics = evaluate(model, data, args.split, cfg, device, reverse_steps=cfg.reverse_steps,
-                       progress=not args.no_progress)
-    seconds = time.perf_counter() - began
-    return {"checkpoint": str(args.checkpoint), "split": args.split, "reverse_steps": cfg.reverse_steps,
-            "users": len(data), "users_per_s": round(len(data) / seconds, 1),
-            **{f"{args.split}/{k}": v for k, v in metrics.items()}}
+    splits = ("valid", "test") if args.split == "both" else (args.split,)
+    out = {"checkpoint": str(args.checkpoint), "split": args.split, "reverse_steps": cfg.reverse_steps,
+           "users": len(data)}
+    for split in splits:
+        began = time.perf_counter()
+        metrics = evaluate(model, data, split, cfg, device, reverse_steps=cfg.reverse_steps,
+                           progress=not args.no_progress)
+        out[f"{split}/users_per_s"] = round(len(data) / (time.perf_counter() - began), 1)
+        out.update({f"{split}/{k}": v for k, v in metrics.items()})
+    if args.track:
+        # an evaluation run of its own (e.g. one point of a reverse-steps ablation), with the
+        # config it was evaluated under as params, so the report can place it
+        from diffurec.tracking import MLflowRun, config_params, resolve_tracking_uri
+
+        tracker = MLflowRun(resolve_tracking_uri(args.mlflow_uri, cfg.output_dir), experiment=args.experiment,
+                            run_name=f"eval-{Path(args.checkpoint).parent.name}-S{cfg.reverse_steps}",
+                            tags={"kind": "evaluation", "dataset": dataset_name(args.data), "model": cfg.model,
+                                  "checkpoint": str(Path(args.checkpoint).resolve()), **parse_tags(args.tag)})
+        tracker.log_params(config_params(cfg))
+        tracker.log_metrics({k: v for k, v in out.items() if k.startswith(("valid/", "test/"))})
+        tracker.finish()
+        out["mlflow_run_id"] = tracker.run_id
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite under the output root)")
     p.add_argument("--experiment", default="diffurec", help="MLflow experiment name")
     p.add_argument("--no-mlflow", action="store_true", help="do not track the run in MLflow")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE",
+                   help="MLflow tag, e.g. ablation=noise_schedule (repeatable)")
     p.add_argument("--log-model", action="store_true", help="also log the model with mlflow.pytorch")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -162,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--reverse-steps", type=int)
-    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--split", choices=("valid", "test", "both"), default="test")
+    p.add_argument("--track", action="store_true", help="record the evaluation as an MLflow run")
+    p.add_argument("--mlflow-uri")
+    p.add_argument("--experiment", default="diffurec")
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="MLflow tag (with --track)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="evaluation-time keys, e.g. exclude_history=true, reverse_samples=4")
     p.add_argument("--no-progress", action="store_true")

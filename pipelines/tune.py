@@ -263,6 +263,44 @@ def mark_child(client, run_id: str, status: str, extra_tags: dict | None = None)
     client.set_terminated(run_id, status=RUN_STATUS[status])
 
 
+def reap_orphaned_placement_groups() -> int:
+    """Remove placement groups whose creating actor is dead (driver side).
+
+    A trial stopped by ASHA (or finishing) kills its Train controller; the controller's worker
+    placement group outlives it (placement groups live as long as the job) and would starve the
+    next trials. Ray Train's own PlacementGroupCleaner does this through the state API, which
+    needs the dashboard and an unambiguous cluster address; this does the same from the GCS table.
+    """
+    import ray
+    from ray._private.state import state
+    from ray._raylet import PlacementGroupID
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = 0
+    try:
+        accessor = state._global_state_accessor
+        if accessor is None:
+            return 0
+        job_id = bytes.fromhex(ray.get_runtime_context().get_job_id())
+        for raw in accessor.get_placement_group_table():
+            pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+            nil_creator = set(pg.creator_actor_id) <= {0xFF}
+            if (pg.state == gcs_pb2.PlacementGroupTableData.CREATED and not pg.is_detached
+                    and pg.creator_job_id == job_id  # only this sweep's own
+                    and not nil_creator and pg.creator_actor_dead):
+                remove_placement_group(PlacementGroup(PlacementGroupID(pg.placement_group_id)))
+                removed += 1
+    except Exception as exc:  # private API: never let it stop a sweep
+        if ray.is_initialized():
+            log(f"could not check for orphaned placement groups: {exc}")
+    return removed
+
+
+# the driver's view of the sweep, shared with run_tuner (Tune may copy its callbacks)
+_PROGRESS: dict[str, Any] = {}
+
+
 def _make_status_callback(setup: dict):
     from ray.tune import Callback
 
@@ -297,9 +335,20 @@ def _make_status_callback(setup: dict):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._mark(trial, error=False)
+            reap_orphaned_placement_groups()
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._mark(trial, error=True)
+            reap_orphaned_placement_groups()
+
+        def on_step_end(self, iteration, trials, **info):
+            # the last step before Tune stops tells whether the sweep ran out or was interrupted
+            _PROGRESS["trials"] = len(trials)
+            _PROGRESS["unfinished"] = [t.trial_id for t in trials if t.status not in ("TERMINATED", "ERROR")]
+            now = time.monotonic()
+            if now - _PROGRESS.get("reaped_at", 0.0) > 5.0:
+                _PROGRESS["reaped_at"] = now
+                reap_orphaned_placement_groups()
 
     return ChildRunStatus()
 
@@ -443,7 +492,10 @@ def register_best(uri: str, run_id: str | None, checkpoint: str | None, model_na
     mlflow.set_tracking_uri(uri)
     try:
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(model.cpu(), name="model", registered_model_name=model_name)
+            # "pickle": MLflow 3's default "pt2" format needs an input example to trace, and the
+            # reverse diffusion is stochastic; the pickled module loads with mlflow.pytorch.load_model
+            info = mlflow.pytorch.log_model(model.cpu(), name="model", registered_model_name=model_name,
+                                            serialization_format="pickle")
         version = info.registered_model_version
     finally:
         client.set_terminated(run_id, status=status if status != "RUNNING" else "FINISHED")
@@ -506,7 +558,6 @@ def main(argv: list[str] | None = None) -> int:
         raise DiffuRecError(f"sweep '{name}' already exists at {sdir}; pass --resume {name} to continue it")
 
     import ray
-    from ray import tune
 
     started_here = init_ray() and not os.environ.get("RAY_ADDRESS")
     try:
@@ -607,6 +658,10 @@ def run_tuner(args, space, base, setup, num_samples, max_concurrent, storage: Pa
         log(f"resuming sweep {name} from {path}")
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, param_space=param_space(space))
+        # the restored RunConfig holds unpickled copies of the callbacks: use this process's
+        run_config = getattr(getattr(tuner, "_local_tuner", None), "_run_config", None)
+        if run_config is not None:
+            run_config.callbacks = callbacks
     else:
         max_t = int(spaces.max_value(space, base, "epochs"))
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
@@ -618,12 +673,10 @@ def run_tuner(args, space, base, setup, num_samples, max_concurrent, storage: Pa
                                         max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+    _PROGRESS.clear()
     results = tuner.fit()
-    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None)
-    if trials is not None:
-        interrupted = any(t.status not in ("TERMINATED", "ERROR") for t in trials) or len(trials) < num_samples
-    else:
-        interrupted = len(results) < num_samples
+    # Tune returns normally after a SIGINT; the last step's view says whether trials were cut off
+    interrupted = bool(_PROGRESS.get("unfinished")) or _PROGRESS.get("trials", num_samples) < num_samples
     return results, interrupted
 
 
@@ -648,8 +701,8 @@ def finish(args, results, interrupted, space, base, setup, parent, registered, s
     for run in find_child_runs(client, setup["experiment_id"], parent.run_id):
         rid = run.info.run_id
         rec = by_run.get(rid)
-        if rec is not None and not (interrupted and rec["status"] == "stopped_by_asha" and not rec["error"]
-                                    and _unfinished(results, rec["trial_id"])):
+        cut_off = interrupted and rec is not None and rec["trial_id"] in _PROGRESS.get("unfinished", [])
+        if rec is not None and not cut_off:
             mark_child(client, rid, rec["status"])
             if spaces.REVERSE_FRACTION in rec["sampled"] and spaces.REVERSE_FRACTION not in run.data.params:
                 client.log_param(rid, spaces.REVERSE_FRACTION, rec["sampled"][spaces.REVERSE_FRACTION])
@@ -718,11 +771,6 @@ def finish(args, results, interrupted, space, base, setup, parent, registered, s
 
 def name_of(setup: dict) -> str:
     return setup["name"]
-
-
-def _unfinished(results, trial_id) -> bool:
-    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
-    return any(t.trial_id == trial_id and t.status not in ("TERMINATED", "ERROR") for t in trials)
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -229,7 +229,7 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, prepared, tm
 
     status = tmp_path / "status"
     status.mkdir()
-    cfg = Config().with_overrides(dict(TINY, epochs=3, model="sasrec", batch_size=32))
+    cfg = Config().with_overrides(dict(TINY, epochs=2, model="sasrec", batch_size=32))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     trainer = train.make_trainer(cfg, str(prepared), num_workers=2, name="killed",
                                  storage_path=str(tmp_path / "ray_results"), mlflow_uri=uri,
@@ -256,18 +256,18 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, prepared, tm
     thread.join(timeout=5)
     assert killed, "the worker was never killed"
     assert result.error is None
-    assert result.metrics["epoch"] == 3
+    assert result.metrics["epoch"] == 2
     # the restarted workers resumed from the epoch-1 checkpoint: epoch 1 was not lost or redone
     restarted = [json.loads(f.read_text()) for f in status.glob("rank*.json")]
     restarted = [s for s in restarted if s["pid"] != killed["pid"] and s["resumed_from"] > 0]
     assert restarted and {s["resumed_from"] for s in restarted} == {1}, restarted
-    assert all(s["epoch"] == 3 for s in restarted)
+    assert all(s["epoch"] == 2 for s in restarted)
     # one MLflow run across the restart, with every epoch once
     run_id = result.metrics["mlflow_run_id"]
     client = mlflow.MlflowClient(uri)
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
     history = client.get_metric_history(run_id, mlflow_metric_name("valid/NDCG@10"))
-    assert sorted({m.step for m in history}) == [1, 2, 3]
+    assert sorted({m.step for m in history}) == [1, 2]
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
@@ -278,7 +278,7 @@ def test_two_workers_half_batch_follow_one_worker(ray_local, prepared, tmp_path)
     import pipelines.train as train
     from diffurec.tracking import mlflow_metric_name
 
-    cfg = Config().with_overrides(dict(TINY, epochs=4, model="sasrec", batch_size=64, seed=3))
+    cfg = Config().with_overrides(dict(TINY, epochs=3, model="sasrec", batch_size=64, seed=3))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     curves = {}
     for workers in (1, 2):
@@ -290,9 +290,10 @@ def test_two_workers_half_batch_follow_one_worker(ray_local, prepared, tmp_path)
                                                               mlflow_metric_name("valid/NDCG@10"))
         curves[workers] = [m.value for m in sorted(history, key=lambda m: m.step)]
     one, two = curves[1], curves[2]
-    assert len(one) == len(two) == 4
+    assert len(one) == len(two) == 3
     # both learn (the planted structure is far above chance: 10/120 items ~ NDCG 0.04) ...
     assert one[-1] > one[0] and two[-1] > two[0], curves
     # ... along the same trajectory, epoch by epoch, within noise
     diffs = [abs(a - b) for a, b in zip(one, two)]
+    print("valid NDCG@10 by epoch:", curves)
     assert max(diffs) < 0.05, curves

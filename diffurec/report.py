@@ -1,0 +1,261 @@
+"""docs/results.md and docs/results.json, regenerated from an MLflow store.
+
+Which runs count:
+- **main rows**: finished training runs (no parent run, not tagged ``ablation`` or
+  ``kind=evaluation``) with test metrics, grouped by (dataset, model, config without seed and
+  runtime keys). Each group is one row: mean ± std over its runs (seeds). ``results.json`` keeps,
+  per dataset and model, the group with the most runs (ties: best mean validation NDCG@10).
+- **ablations**: runs tagged ``ablation=<config key>``; the x value is that key's param. Training
+  ablations are training runs; the reverse-steps ablation is ``python -m diffurec evaluate
+  --track --tag ablation=reverse_steps`` runs of one trained model.
+
+Nothing here is typed by hand except the paper's reference figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from diffurec.errors import DiffuRecError
+from diffurec.tracking import library_metric_name
+
+# Paper figures (full ranking, leave-one-out, %), and the public SASRec-CE re-run on Beauty.
+PAPER = {
+    ("beauty", "diffurec"): {"test/HR@10": 7.91, "test/NDCG@10": 4.75, "test/HR@20": 11.11, "test/NDCG@20": 5.56},
+    ("beauty", "sasrec"): {"test/HR@10": 7.36, "test/NDCG@10": 3.91},
+    ("ml-1m", "diffurec"): {"test/HR@10": 26.26, "test/NDCG@10": 14.79, "test/HR@20": 36.79, "test/NDCG@20": 17.44},
+}
+TABLE_METRICS = ["test/HR@10", "test/NDCG@10", "test/HR@20", "test/NDCG@20"]
+# keys that do not change what is trained
+NON_MODEL_KEYS = {"seed", "device", "threads", "output_dir", "eval_batch_size"}
+
+
+def dataset_label(tag: str | None) -> str:
+    if not tag:
+        return "unknown"
+    p = Path(tag)
+    name = p.parent.name if p.suffix in (".parquet", ".csv", ".jsonl", ".json") else p.name
+    return name.lower()
+
+
+def load_runs(tracking_uri: str, experiments: list[str] | None = None) -> list[dict]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exps = client.search_experiments()
+    if experiments:
+        exps = [e for e in exps if e.name in experiments]
+    if not exps:
+        raise DiffuRecError(f"no MLflow experiments found in {tracking_uri}")
+    runs = []
+    for run in client.search_runs([e.experiment_id for e in exps], max_results=50000):
+        tags = run.data.tags
+        params = run.data.params
+        runs.append({
+            "run_id": run.info.run_id,
+            "experiment": next(e.name for e in exps if e.experiment_id == run.info.experiment_id),
+            "status": run.info.status,
+            "tags": tags,
+            "params": params,
+            "metrics": {library_metric_name(k): v for k, v in run.data.metrics.items()},
+            "dataset": dataset_label(tags.get("dataset") or tags.get("data_dir")),
+            "model": params.get("model") or tags.get("model", "unknown"),
+        })
+    return runs
+
+
+def _config_key(params: dict[str, str]) -> tuple:
+    return tuple(sorted((k, v) for k, v in params.items() if k not in NON_MODEL_KEYS))
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "n": n}
+
+
+def _typed(params: dict[str, str]) -> dict[str, Any]:
+    from diffurec.config import Config
+
+    known = set(Config.keys())
+    cfg = Config.from_dict({k: _parse(v) for k, v in params.items() if k in known}, source="mlflow params")
+    return cfg.to_dict()
+
+
+def _parse(value: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def main_groups(runs: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        t = r["tags"]
+        if (r["status"] != "FINISHED" or "mlflow.parentRunId" in t or "ablation" in t
+                or t.get("kind") in ("evaluation", "sweep") or "test/NDCG@10" not in r["metrics"]):
+            continue
+        groups[(r["dataset"], r["model"], _config_key(r["params"]))].append(r)
+    rows = []
+    for (dataset, model, _), members in groups.items():
+        members.sort(key=lambda r: r["params"].get("seed", ""))
+        metrics = sorted({k for r in members for k in r["metrics"] if k.startswith(("test/", "valid/"))
+                          or k in ("seconds_to_best", "best_epoch")})
+        row = {"dataset": dataset, "model": model, "runs": [r["run_id"] for r in members],
+               "seeds": [r["params"].get("seed") for r in members],
+               "config": _typed(members[0]["params"])}
+        for k in metrics:
+            values = [r["metrics"][k] for r in members if k in r["metrics"]]
+            if values:
+                row[k] = _stats(values)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["dataset"], r["model"], -len(r["runs"])))
+    return rows
+
+
+def headline(rows: list[dict]) -> dict:
+    """{dataset: {model: row}}: the row with most runs, ties broken by validation NDCG@10."""
+    best: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        score = (len(row["runs"]), row.get("valid/NDCG@10", {}).get("mean", 0.0))
+        current = best[row["dataset"]].get(row["model"])
+        if current is None or score > (len(current["runs"]), current.get("valid/NDCG@10", {}).get("mean", 0.0)):
+            best[row["dataset"]][row["model"]] = row
+    return {d: dict(sorted(m.items())) for d, m in sorted(best.items())}
+
+
+def ablations(runs: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = defaultdict(list)
+    for r in runs:
+        key = r["tags"].get("ablation")
+        if not key or r["status"] != "FINISHED":
+            continue
+        value = r["tags"].get("ablation_value") or r["params"].get(key)
+        point = {"run_id": r["run_id"], "dataset": r["dataset"], "model": r["model"], "value": _parse(value)
+                 if value is not None else None, "label": r["tags"].get("ablation_label", str(value))}
+        for k in ("valid/NDCG@10", "test/NDCG@10", "valid/HR@10", "test/HR@10", "seconds_to_best"):
+            if k in r["metrics"]:
+                point[k] = r["metrics"][k]
+        out[key].append(point)
+    for points in out.values():
+        points.sort(key=lambda p: (p["dataset"], _sort_key(p["value"]), p["label"]))
+    return dict(sorted(out.items()))
+
+
+def _sort_key(value):
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+
+
+def _fmt(stat: dict | None, scale: float = 100.0) -> str:
+    if not stat:
+        return "-"
+    return f"{stat['mean'] * scale:.2f} ± {stat['std'] * scale:.2f}" if stat["n"] > 1 else f"{stat['mean'] * scale:.2f}"
+
+
+def plot_ablation(name: str, points: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    numeric = all(isinstance(p["value"], (int, float)) and not isinstance(p["value"], bool) for p in points)
+    for dataset in sorted({p["dataset"] for p in points}):
+        pts = [p for p in points if p["dataset"] == dataset]
+        labels = [p["label"] for p in pts]
+        for metric, marker in (("valid/NDCG@10", "o"), ("test/NDCG@10", "s")):
+            ys = [100 * p.get(metric, float("nan")) for p in pts]
+            if numeric:
+                xs = [p["value"] for p in pts]
+                ax.plot(xs, ys, marker=marker, label=f"{dataset} {metric}")
+            else:
+                ax.plot(range(len(pts)), ys, marker=marker, linestyle="none", label=f"{dataset} {metric}")
+                ax.set_xticks(range(len(pts)), labels, rotation=20)
+    if numeric and name in ("reverse_steps", "lambda_mean") and all(p["value"] > 0 for p in points):
+        ax.set_xscale("log", base=2 if name == "reverse_steps" else 10)
+    ax.set_xlabel(name)
+    ax.set_ylabel("NDCG@10 (%)")
+    ax.set_title(f"ablation: {name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(tracking_uri: str, out_dir: str | Path, experiments: list[str] | None = None,
+                 ui_base: str | None = None) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(tracking_uri, experiments)
+    rows = main_groups(runs)
+    heads = headline(rows)
+    abl = ablations(runs)
+
+    results = {}
+    for dataset, models in heads.items():
+        results[dataset] = {}
+        for model, row in models.items():
+            entry = {"config": row["config"], "runs": row["runs"], "seeds": row["seeds"]}
+            entry.update({k: v for k, v in row.items() if isinstance(v, dict) and "mean" in v})
+            if (dataset, model) in PAPER:
+                entry["paper"] = {k: v / 100 for k, v in PAPER[(dataset, model)].items()}
+            results[dataset][model] = entry
+    results_json = {**results, "_ablations": abl}
+    (out_dir / "results.json").write_text(json.dumps(results_json, indent=2, default=str))
+
+    link = (lambda rid: f"[{rid[:8]}]({ui_base.rstrip('/')}/#/runs/{rid})") if ui_base else (lambda rid: f"`{rid[:8]}`")
+    lines = ["# Results", "",
+             f"Generated by `python pipelines/report.py` from `{tracking_uri}`; do not edit by hand.",
+             "Full ranking over all items, leave-one-out, test split, in %. Mean ± std over the runs (seeds)",
+             "of one config; `n` runs. Paper figures alongside.", ""]
+    lines += ["## Main results", "",
+              "| dataset | model | n | " + " | ".join(TABLE_METRICS) + " | valid NDCG@10 | train s to best | runs |",
+              "|---|---|---|" + "---|" * len(TABLE_METRICS) + "---|---|---|"]
+    for row in rows:
+        cells = [_fmt(row.get(m)) for m in TABLE_METRICS]
+        secs = row.get("seconds_to_best")
+        secs = f"{secs['mean']:.0f}" if secs else "-"
+        lines.append(f"| {row['dataset']} | {row['model']} | {len(row['runs'])} | " + " | ".join(cells)
+                     + f" | {_fmt(row.get('valid/NDCG@10'))} | {secs} | "
+                     + ", ".join(link(r) for r in row["runs"]) + " |")
+    for (dataset, model), fig in sorted(PAPER.items()):
+        cells = [f"{fig[m]:.2f}" if m in fig else "-" for m in TABLE_METRICS]
+        label = "paper" if model == "diffurec" else "public re-run"
+        lines.append(f"| {dataset} | {model} ({label}) | - | " + " | ".join(cells) + " | - | - | - |")
+    lines.append("")
+    if heads:
+        lines += ["Configs of the headline rows (`results.json` has each in full, ready for "
+                  "`python -m diffurec train --config`):", ""]
+        for dataset, models in heads.items():
+            for model, row in models.items():
+                c = row["config"]
+                lines.append(f"- {dataset} / {model}: hidden {c['hidden_size']}, blocks {c['num_blocks']}, "
+                             f"heads {c['num_heads']}, T={c['diffusion_steps']}, S={c['reverse_steps']}, "
+                             f"{c['noise_schedule']}, lambda {c['lambda_mean']}±{c['lambda_std']}, "
+                             f"lr {c['lr']}, batch {c['batch_size']}, seeds {row['seeds']}")
+        lines.append("")
+    if abl:
+        lines += ["## Ablations", ""]
+        for name, points in abl.items():
+            png = f"ablation_{name}.png"
+            plot_ablation(name, points, out_dir / png)
+            lines += [f"### {name}", "", f"![{name}]({png})", "",
+                      "| dataset | model | value | valid NDCG@10 | test NDCG@10 | test HR@10 | run |",
+                      "|---|---|---|---|---|---|---|"]
+            for p in points:
+                cell = lambda k: f"{100 * p[k]:.2f}" if k in p else "-"  # noqa: E731
+                lines.append(f"| {p['dataset']} | {p['model']} | {p['label']} | {cell('valid/NDCG@10')} | "
+                             f"{cell('test/NDCG@10')} | {cell('test/HR@10')} | {link(p['run_id'])} |")
+            lines.append("")
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    return {"results_md": str(out_dir / "results.md"), "results_json": str(out_dir / "results.json"),
+            "rows": len(rows), "ablations": {k: len(v) for k, v in abl.items()}}

@@ -1,0 +1,63 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffurec.config import Config
+from diffurec.tracking import MLflowRun, config_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake_run(uri, dataset, model, seed, test_ndcg, tags=None, **sets):
+    cfg = Config().with_overrides({"model": model, "seed": seed, **sets})
+    run = MLflowRun(uri, experiment="results", run_name=f"{dataset}-{model}-{seed}",
+                    tags={"dataset": dataset, "model": model, **(tags or {})})
+    run.log_params(config_params(cfg))
+    run.log_metrics({"valid/NDCG@10": test_ndcg + 0.001, "test/NDCG@10": test_ndcg, "test/HR@10": 2 * test_ndcg,
+                     "test/HR@20": 3 * test_ndcg, "test/NDCG@20": 1.2 * test_ndcg, "seconds_to_best": 60.0})
+    run.finish()
+    return run.run_id
+
+
+def test_report_from_a_tiny_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ids = [fake_run(uri, "beauty", "diffurec", s, v) for s, v in ((1, 0.04), (2, 0.05), (3, 0.06))]
+    sas = fake_run(uri, "beauty", "sasrec", 1, 0.03)
+    for S, v in ((1, 0.02), (4, 0.045), (32, 0.05)):
+        fake_run(uri, "beauty", "diffurec", 1, v, tags={"ablation": "reverse_steps"}, reverse_steps=S)
+    for sched in ("linear", "cosine"):
+        fake_run(uri, "beauty", "diffurec", 1, 0.03, tags={"ablation": "noise_schedule"}, noise_schedule=sched)
+    failed = MLflowRun(uri, experiment="results", tags={"dataset": "beauty"})
+    failed.finish("FAILED")
+
+    out = tmp_path / "docs"
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "report.py"), "--mlflow-uri", uri,
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["ablations"] == {"noise_schedule": 2, "reverse_steps": 3}
+
+    results = json.loads((out / "results.json").read_text())
+    d = results["beauty"]["diffurec"]
+    assert sorted(d["runs"]) == sorted(ids)
+    assert d["test/NDCG@10"]["n"] == 3
+    assert d["test/NDCG@10"]["mean"] == pytest.approx(0.05)
+    assert d["test/NDCG@10"]["std"] == pytest.approx(0.01)
+    assert d["config"]["hidden_size"] == 128 and Config.from_dict(d["config"]).model == "diffurec"
+    assert results["beauty"]["sasrec"]["runs"] == [sas]
+    assert [p["value"] for p in results["_ablations"]["reverse_steps"]] == [1, 4, 32]
+
+    md = (out / "results.md").read_text()
+    assert "5.00 ± 1.00" in md and "7.91" in md and ids[0][:8] in md
+    assert (out / "ablation_reverse_steps.png").stat().st_size > 1000
+    assert (out / "ablation_noise_schedule.png").is_file()
+
+
+def test_report_on_empty_store_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "pipelines" / "report.py"), "--mlflow-uri",
+                           f"sqlite:///{tmp_path / 'none.db'}", "--experiment", "nope", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no MLflow experiments" in proc.stderr
