@@ -53,10 +53,10 @@ def time_training(cfg: Config, data, device, batches: int, warmup: int = 3) -> f
     optimizer = make_optimizer(model, cfg)
     stream, _ = training_batches(data, cfg, epoch=1)
     stream = list(itertools.islice(stream, warmup + batches))
-    train_epoch(model, stream[:warmup], optimizer, device)
+    train_epoch(model, stream[:warmup], optimizer, device, precision=cfg.precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    stats = train_epoch(model, stream[warmup:], optimizer, device)
+    stats = train_epoch(model, stream[warmup:], optimizer, device, precision=cfg.precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return stats["samples_per_s"]
@@ -76,7 +76,7 @@ def time_eval(cfg: Config, data, device, users: int, reverse_steps: int) -> floa
         m = RankingMetrics()
         for b in bs:
             history, target = b["history"].to(device), b["target"].to(device)
-            with autocast(device):
+            with autocast(device, cfg.precision):
                 scores = model.score(model.predict(history, reverse_steps=reverse_steps))
             m.update(target_ranks(scores, target))
         return m

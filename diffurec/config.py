@@ -20,6 +20,7 @@ MODELS = ("diffurec", "sasrec")
 NOISE_SCHEDULES = ("trunc_lin", "linear", "cosine", "sqrt", "trunc_cos", "pw_lin")
 TIMESTEP_SAMPLERS = ("uniform", "loss_aware")
 LR_SCHEDULES = ("constant", "cosine", "warmup_cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -65,6 +66,8 @@ class Config:
     min_item: int = 5
     # runtime
     device: str = "auto"
+    # auto: bf16 autocast on GPU, fp32 on CPU (the reference numerics); bf16: autocast on CPU too
+    precision: str = "auto"
     threads: int = 0  # 0 leaves torch's default
     output_dir: str = "outputs"
 
@@ -163,6 +166,7 @@ class Config:
         need(self.reverse_samples >= 1, "reverse_samples", "must be >= 1")
         need(self.min_user >= 0, "min_user", "must be >= 0 (0 disables the filter)")
         need(self.min_item >= 0, "min_item", "must be >= 0 (0 disables the filter)")
+        need(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}")
         need(self.threads >= 0, "threads", "must be >= 0 (0 leaves torch's default)")
         need(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

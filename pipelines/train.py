@@ -264,7 +264,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for name in CHECKPOINT_FILES:
                 if (Path(d) / name).is_file():
                     shutil.copy2(Path(d) / name, run_dir / name)
-        resume_from = torch.load(run_dir / "latest.pt", map_location=device, weights_only=False)
+        # on CPU: the RNG state must stay a CPU tensor; load_state_dict moves the rest
+        resume_from = torch.load(run_dir / "latest.pt", map_location="cpu", weights_only=False)
         if (run_dir / "mlflow_run_id").is_file():
             mlflow_run_id = (run_dir / "mlflow_run_id").read_text().strip() or None
     resumed_epoch = resume_from["loop"]["epoch"] if resume_from else 0
@@ -281,6 +282,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             run_name=loop_config.get("run_name"), parent_run_id=loop_config.get("parent_run_id"),
                             tags={"model": cfg.model, "data_dir": str(loop_config["data_dir"]),
                                   "num_workers": str(world), "device": device.type,
+                                  "torch_threads": str(torch.get_num_threads()),
                                   **{k: str(v) for k, v in (loop_config.get("tags") or {}).items()}},
                             run_id=mlflow_run_id)
         tracker.log_params(config_params(cfg))
@@ -433,6 +435,8 @@ def summarize(result, mlflow_uri: str, name: str) -> dict:
     with result.checkpoint.as_directory() as d:
         best = Path(d) / "best.pt"
         payload = torch.load(best, map_location="cpu", weights_only=False) if best.is_file() else {}
+        if not run_id and (Path(d) / "mlflow_run_id").is_file():  # e.g. a resumed run with nothing left to train
+            run_id = (Path(d) / "mlflow_run_id").read_text().strip() or None
     ckpt_path = result.checkpoint.path
     out = {"run_name": name, "checkpoint": str(Path(ckpt_path) / "best.pt"), "mlflow_run_id": run_id,
            "best_epoch": payload.get("epoch"), "epochs": metrics.get("epoch"),

@@ -607,11 +607,13 @@ def main(argv: list[str] | None = None) -> int:
                  "start_timeout": float(os.environ.get(START_TIMEOUT_ENV, 60))}
         results, interrupted = run_tuner(args, space, base, setup, num_samples, max_concurrent,
                                          storage, name, resume=args.resume is not None)
-        return finish(args, results, interrupted, space, base, setup, parent, registered, sdir,
-                      exp_path, began)
+        rc, payload = finish(args, results, interrupted, space, base, setup, parent, registered, sdir,
+                             exp_path, began)
     finally:
         if started_here:
-            ray.shutdown()
+            ray.shutdown()  # flushes the workers' output first, so the summary is the last line
+    print(json.dumps(payload, default=str), flush=True)
+    return rc
 
 
 def param_space(space: spaces.SearchSpace) -> dict:
@@ -714,9 +716,8 @@ def finish(args, results, interrupted, space, base, setup, parent, registered, s
         log(f"sweep {name_of(setup)} interrupted; continue it with: python pipelines/tune.py "
             f"--resume {name_of(setup)}" + ("" if str(Path(base.output_dir).resolve()) == str(Path('outputs').resolve())
                                             else f" --set output_dir={base.output_dir}"))
-        print(json.dumps({"name": name_of(setup), "interrupted": True, "experiment_path": str(exp_path),
-                          "mlflow_parent_run_id": parent.run_id}), flush=True)
-        return 130
+        return 130, {"name": name_of(setup), "interrupted": True, "experiment_path": str(exp_path),
+                     "mlflow_parent_run_id": parent.run_id}
 
     finished = [r for r in records if r["best"] is not None]
     if not finished:
@@ -765,8 +766,7 @@ def finish(args, results, interrupted, space, base, setup, parent, registered, s
         "mlflow_uri": setup["mlflow_uri"], "registered_model": reg, "trials": counts,
         "experiment_path": str(exp_path), "seconds": round(time.time() - began, 1),
     }
-    print(json.dumps(summary, default=str), flush=True)
-    return 0
+    return 0, summary
 
 
 def name_of(setup: dict) -> str:

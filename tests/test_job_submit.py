@@ -110,8 +110,11 @@ def test_ray_job_submit_tune(tmp_path):
         while time.time() < deadline:
             res = subprocess.run([RAY, "job", "status", "--address", address, job_id], env=env,
                                  capture_output=True, text=True, timeout=60)
-            m = re.search(r"Status for job '[^']+': (\w+)", res.stdout + res.stderr)
-            status = m.group(1) if m else None
+            text = res.stdout + res.stderr
+            # "Status for job 'X': RUNNING" while it runs, "Job 'X' succeeded" once it is done
+            m = (re.search(r"Status for job '[^']+': (\w+)", text)
+                 or re.search(r"Job '[^']+' (succeeded|failed|stopped)", text))
+            status = m.group(1).upper() if m else None
             if status in TERMINAL:
                 break
             time.sleep(5)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from diffurec.config import Config
+from diffurec.tracking import mlflow_metric_name
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = REPO / "pipelines" / "tune.py"
@@ -181,7 +182,7 @@ def test_sweep_interrupt_resume_and_mlflow_tree(tmp_path):
         assert p["noise_schedule"] and "lr" in p and "lambda_mean" in p
         assert param_keys is None or set(p) >= param_keys or param_keys >= set(p)
         param_keys = set(p) if param_keys is None else param_keys & set(p)
-        history = client.get_metric_history(c.info.run_id, "valid/NDCG@10")
+        history = client.get_metric_history(c.info.run_id, mlflow_metric_name("valid/NDCG@10"))
         assert len(history) >= 1  # per-epoch metrics
     assert set(Config.keys()) <= param_keys  # comparable side by side, same names as Config
     for c in children:

@@ -94,6 +94,7 @@ class DiffuRec(SequenceEncoderBase):
             x_T = torch.randn(history.shape[0], rep.shape[-1], device=history.device, dtype=rep.dtype)
 
         def denoise(x_t, t):
-            return self.approximator(rep, mask, x_t, t, sample_lambda=not deterministic)
+            # every row is at the same step: embed it once and broadcast
+            return self.approximator(rep, mask, x_t, t[:1], sample_lambda=not deterministic)
 
         return self.diffusion.reverse(denoise, x_T, reverse_steps or self.reverse_steps, deterministic)
