@@ -111,14 +111,21 @@ class MLflowRun:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_model(self, model, name: str = "model") -> None:
-        """The model through ``mlflow.pytorch``, so it loads with ``mlflow.pytorch.load_model``."""
+        """The model through ``mlflow.pytorch`` (loads with ``mlflow.pytorch.load_model``).
+
+        MLflow 3.17 defaults to the traced 'pt2' format, which needs an input example and traces
+        ``forward`` (the training loss here); the pickled module is what a recommender needs.
+        Requirements are given, not inferred: inferring re-imports the model in a subprocess.
+        """
         import mlflow.pytorch
+        import torch
 
         previous = self.mlflow.get_tracking_uri()
         self.mlflow.set_tracking_uri(self.tracking_uri)
         try:
             with self.mlflow.start_run(run_id=self.run_id):
-                mlflow.pytorch.log_model(model.cpu(), name=name)
+                mlflow.pytorch.log_model(model.cpu().eval(), name=name, serialization_format="pickle",
+                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         finally:
             self.mlflow.set_tracking_uri(previous)
 
