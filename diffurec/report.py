@@ -252,9 +252,9 @@ def write_report(tracking_uri: str, out_dir: str | Path, experiments: list[str] 
                       "| dataset | model | value | valid NDCG@10 | test NDCG@10 | test HR@10 | run |",
                       "|---|---|---|---|---|---|---|"]
             for p in points:
-                cell = lambda k: f"{100 * p[k]:.2f}" if k in p else "-"  # noqa: E731
-                lines.append(f"| {p['dataset']} | {p['model']} | {p['label']} | {cell('valid/NDCG@10')} | "
-                             f"{cell('test/NDCG@10')} | {cell('test/HR@10')} | {link(p['run_id'])} |")
+                cells = [f"{100 * p[k]:.2f}" if k in p else "-" for k in ("valid/NDCG@10", "test/NDCG@10", "test/HR@10")]
+                lines.append(f"| {p['dataset']} | {p['model']} | {p['label']} | " + " | ".join(cells)
+                             + f" | {link(p['run_id'])} |")
             lines.append("")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     return {"results_md": str(out_dir / "results.md"), "results_json": str(out_dir / "results.json"),

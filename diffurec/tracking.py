@@ -68,21 +68,32 @@ class MLflowRun:
         import mlflow
 
         self.mlflow = mlflow
+        self.tracking_uri = tracking_uri
         self.client = mlflow.MlflowClient(tracking_uri)
-        with sqlite_init_lock(tracking_uri):
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(experiment)
         if run_id is not None:
+            # continue an existing run (a resumed training, a sweep registering its best model)
             self.run_id = run_id
+            exp_id = self.client.get_run(run_id).info.experiment_id
             self.client.update_run(run_id, status="RUNNING")
         else:
+            exp_id = self._experiment_id(experiment)
             tags = dict(tags or {})
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
-        self.tracking_uri = tracking_uri
         self.experiment_id = exp_id
+
+    def _experiment_id(self, name: str) -> str:
+        with sqlite_init_lock(self.tracking_uri):
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None:
+                return exp.experiment_id
+            try:
+                return self.client.create_experiment(name)
+            except self.mlflow.exceptions.MlflowException:
+                # another process (a parallel trial) created it first
+                return self.client.get_experiment_by_name(name).experiment_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -110,7 +121,7 @@ class MLflowRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_model(self, model, name: str = "model") -> None:
+    def log_model(self, model, name: str = "model", registered_model_name: str | None = None):
         """The model through ``mlflow.pytorch`` (loads with ``mlflow.pytorch.load_model``).
 
         MLflow 3.17 defaults to the traced 'pt2' format, which needs an input example and traces
@@ -124,8 +135,10 @@ class MLflowRun:
         self.mlflow.set_tracking_uri(self.tracking_uri)
         try:
             with self.mlflow.start_run(run_id=self.run_id):
-                mlflow.pytorch.log_model(model.cpu().eval(), name=name, serialization_format="pickle",
-                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                return mlflow.pytorch.log_model(
+                    model.cpu().eval(), name=name, serialization_format="pickle",
+                    registered_model_name=registered_model_name,
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         finally:
             self.mlflow.set_tracking_uri(previous)
 

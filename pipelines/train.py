@@ -68,7 +68,7 @@ from pipelines._common import (  # noqa: E402
 )
 
 __all__ = ["make_trainer", "train_loop_per_worker", "main", "resolve_data", "check_scaling",
-           "examples_dataset", "summarize", "log_pytorch_model"]
+           "examples_dataset", "summarize"]
 
 DATASET_NAME = "train"
 CHECKPOINT_FILES = ("latest.pt", "best.pt", "mlflow_run_id")
@@ -188,27 +188,6 @@ def _write_status(status_dir: str | None, **fields) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"pid": os.getpid(), "time": time.time(), **fields}))
     os.replace(tmp, path)
-
-
-def log_pytorch_model(tracker, model, name: str = "model") -> None:
-    """The best model through ``mlflow.pytorch`` (loads with ``mlflow.pytorch.load_model``).
-
-    MLflow 3.17 defaults to the traced 'pt2' format, which needs an input example and traces
-    ``forward`` (the training loss here); the pickled module is what a recommender needs. The
-    requirements are given, not inferred: inference re-imports the model in a subprocess (slow).
-    """
-    import mlflow
-    import mlflow.pytorch
-    import torch
-
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracker.tracking_uri)
-    try:
-        with mlflow.start_run(run_id=tracker.run_id):
-            mlflow.pytorch.log_model(model.cpu().eval(), name=name, serialization_format="pickle",
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -364,7 +343,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tracker.log_artifact(run_dir / "best.pt", "checkpoint")
             tracker.log_artifact(run_dir / "config.yaml")
             if loop_config.get("log_model", True):
-                log_pytorch_model(tracker, load_checkpoint(run_dir / "best.pt")[0])
+                tracker.log_model(load_checkpoint(run_dir / "best.pt")[0])
             tracker.finish()
     except BaseException:
         if tracker is not None:
@@ -415,7 +394,9 @@ def make_trainer(cfg: Config, data_dir: str, *, num_workers: int = 1, use_gpu: b
         run_config=RunConfig(
             name=name,
             storage_path=str(storage_path),
-            failure_config=FailureConfig(max_failures=max_failures),
+            # controller_failure_limit defaults to -1 in Train V2: a worker group that can never be
+            # placed would be retried forever; bound it so such a run fails visibly
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=max_failures),
             # each checkpoint holds latest.pt + best.pt; keep the last two
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks or None,

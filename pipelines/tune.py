@@ -225,11 +225,6 @@ def run_trial(sampled: dict, setup: dict) -> None:
         parent_run_id=setup["parent_run_id"], resources_per_worker=setup["resources"],
         max_failures=setup["max_failures"], callbacks=[TuneReportCallback()], tags=tags,
         log_model=False)  # only the best trial's model is logged (and registered) by the sweep
-    # Train V2 retries controller errors (a worker group that cannot start) forever by default
-    # (controller_failure_limit=-1): a trial that cannot be placed would hang. Bound the retries.
-    failure = getattr(getattr(trainer, "run_config", None), "failure_config", None)
-    if failure is not None and getattr(failure, "controller_failure_limit", 0) < 0:
-        failure.controller_failure_limit = setup["max_failures"]
     trainer.fit()
 
 
@@ -480,26 +475,18 @@ def register_best(uri: str, run_id: str | None, checkpoint: str | None, model_na
     if not run_id or not checkpoint or not Path(checkpoint).is_file():
         log("no checkpoint to register (best trial has no best.pt)")
         return None
-    import mlflow
-    import mlflow.pytorch
-
+    from diffurec.tracking import MLflowRun
     from diffurec.training import load_checkpoint
 
-    client = mlflow.MlflowClient(uri)
+    tracker = MLflowRun(uri, run_id=run_id)
+    client = tracker.client
     status = client.get_run(run_id).info.status
     model, _, _ = load_checkpoint(checkpoint, "cpu")
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
     try:
-        with mlflow.start_run(run_id=run_id):
-            # "pickle": MLflow 3's default "pt2" format needs an input example to trace, and the
-            # reverse diffusion is stochastic; the pickled module loads with mlflow.pytorch.load_model
-            info = mlflow.pytorch.log_model(model.cpu(), name="model", registered_model_name=model_name,
-                                            serialization_format="pickle")
+        info = tracker.log_model(model, registered_model_name=model_name)
         version = info.registered_model_version
     finally:
         client.set_terminated(run_id, status=status if status != "RUNNING" else "FINISHED")
-        mlflow.set_tracking_uri(previous)
     if version is not None:
         client.set_model_version_tag(model_name, str(version), "sweep", sweep)
     return {"name": model_name, "version": str(version), "model_uri": info.model_uri}
