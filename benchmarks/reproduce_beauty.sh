@@ -21,8 +21,8 @@ run() {  # name, then train args; resumes a run that was cut off, skips a finish
 }
 
 for seed in $SEEDS; do
-  # validation at S=4 for early stopping (about 8x cheaper than S=32); test is re-run at S=32 below
-  run "beauty-diffurec-s$seed" --set seed="$seed" --set reverse_steps=4
+  # validation at S=4 for early stopping (about 8x cheaper than S=32); test at S=T=32
+  run "beauty-diffurec-s$seed" --set seed="$seed" --set valid_reverse_steps=4
   run "beauty-sasrec-s$seed" --set seed="$seed" --set model=sasrec --set num_blocks=2 --set num_heads=1 \
       --set dropout=0.5 --set emb_dropout=0.5 --set positional_embedding=true
 done
@@ -36,13 +36,13 @@ done
 
 # training ablations, one seed each
 for sched in trunc_lin linear cosine sqrt trunc_cos pw_lin; do
-  run "beauty-abl-schedule-$sched" --set noise_schedule="$sched" --set reverse_steps=4 --tag ablation=noise_schedule
+  run "beauty-abl-schedule-$sched" --set noise_schedule="$sched" --set valid_reverse_steps=4 --tag ablation=noise_schedule
 done
 for lam in 0 0.0001 0.001 0.01 0.1; do
-  run "beauty-abl-lambda-$lam" --set lambda_mean="$lam" --set reverse_steps=4 --tag ablation=lambda_mean
+  run "beauty-abl-lambda-$lam" --set lambda_mean="$lam" --set valid_reverse_steps=4 --tag ablation=lambda_mean
 done
-run "beauty-abl-lambda-fixed" --set lambda_std=0 --set reverse_steps=4 --tag ablation=lambda_std
-run "beauty-abl-positional" --set positional_embedding=true --set reverse_steps=4 --tag ablation=positional_embedding
-run "beauty-abl-attend-padding" --set attend_to_padding=true --set reverse_steps=4 --tag ablation=attend_to_padding
+run "beauty-abl-lambda-fixed" --set lambda_std=0 --set valid_reverse_steps=4 --tag ablation=lambda_std
+run "beauty-abl-positional" --set positional_embedding=true --set valid_reverse_steps=4 --tag ablation=positional_embedding
+run "beauty-abl-attend-padding" --set attend_to_padding=true --set valid_reverse_steps=4 --tag ablation=attend_to_padding
 
 python pipelines/report.py --experiment beauty

@@ -52,6 +52,8 @@ class Config:
     # diffusion
     diffusion_steps: int = 32
     reverse_steps: int = 32
+    # S for the per-epoch validation only (0 = reverse_steps): early stopping at S=4 costs 1/8
+    valid_reverse_steps: int = 0
     noise_schedule: str = "trunc_lin"
     lambda_mean: float = 0.001
     lambda_std: float = 0.001  # 0 gives a fixed lambda = lambda_mean
@@ -160,6 +162,11 @@ class Config:
             1 <= self.reverse_steps <= self.diffusion_steps,
             "reverse_steps",
             f"must be in [1, diffusion_steps={self.diffusion_steps}]",
+        )
+        need(
+            0 <= self.valid_reverse_steps <= self.diffusion_steps,
+            "valid_reverse_steps",
+            f"must be in [0, diffusion_steps={self.diffusion_steps}] (0 = reverse_steps)",
         )
         need(self.lambda_mean >= 0, "lambda_mean", "must be >= 0")
         need(self.lambda_std >= 0, "lambda_std", "must be >= 0 (0 gives a fixed lambda)")

@@ -259,7 +259,8 @@ def fit(cfg: Config, data: SequenceData, run_dir: str | Path, *,
     steps_per_epoch = batches_for_epoch(0)[1]
     scheduler = make_lr_scheduler(optimizer, cfg, steps_per_epoch)
     evaluate_valid = evaluate_valid or (
-        lambda m: evaluate(unwrap(m), data, "valid", cfg, device, progress=progress and is_main))
+        lambda m: evaluate(unwrap(m), data, "valid", cfg, device, reverse_steps=cfg.valid_reverse_steps or None,
+                           progress=progress and is_main))
     state = LoopState()
     if resume_from is not None:
         unwrap(model).load_state_dict(resume_from["model"])

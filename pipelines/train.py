@@ -292,7 +292,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     keys = _metric_keys()
 
     def evaluate_valid(m) -> dict:
-        sums, count = evaluate_sums(unwrap(m), data, "valid", cfg, device, users=slice(rank, None, world))
+        sums, count = evaluate_sums(unwrap(m), data, "valid", cfg, device, users=slice(rank, None, world),
+                                    reverse_steps=cfg.valid_reverse_steps or None)
         total = _all_reduce([sums.get(k, 0.0) for k in keys] + [float(count)], device)
         merged = RankingMetrics()
         merged.merge(dict(zip(keys, total[:-1])), int(round(total[-1])))
