@@ -56,9 +56,11 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from diffurec.data import split as S  # noqa: E402
 from diffurec.data.logs import (  # noqa: E402
+    READ_ERRORS,
     _filesystem,
     log_format,
     normalize_log,
+    read_error,
     read_log_file,
     resolve_log_paths,
 )
@@ -106,10 +108,8 @@ def plan_units(files: list[str], columns: list[str]) -> list[dict]:
         fsys, local = _filesystem(path)
         try:
             pf = pq.ParquetFile(local if fsys is None else fsys.open_input_file(local))
-        except FileNotFoundError:
-            raise DiffuRecError(f"{path}: no such file") from None
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DiffuRecError(f"{path}: cannot read as parquet: {exc}") from None
+        except READ_ERRORS as exc:
+            raise read_error(path, "parquet", exc) from None
         names = pf.schema_arrow.names
         for col in columns:
             if col not in names:
@@ -165,13 +165,8 @@ def _raw_chunks(unit: dict, columns: list[str]):
                 yield row, pa.Table.from_batches(buf, schema=reader.schema).select(columns)
             return
         yield 0, read_log_file(path, columns)
-    except DiffuRecError:
-        raise
-    except FileNotFoundError:
-        raise DiffuRecError(f"{path}: no such file") from None
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DiffuRecError(f"{path}: cannot read as {fmt}: {first}") from None
+    except READ_ERRORS as exc:
+        raise read_error(path, fmt, exc) from None
 
 
 def read_units(batch: pa.Table, cols: dict, counter):

@@ -16,10 +16,10 @@ from pathlib import Path
 if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffurec.errors import DiffuRecError  # noqa: E402
+from pipelines._common import run_cli  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     from diffurec.report import write_report
     from diffurec.tracking import resolve_tracking_uri
 
@@ -30,13 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", action="append", help="only these MLflow experiments (repeatable)")
     parser.add_argument("--ui-base", help="MLflow UI address, to link each row to its run")
     args = parser.parse_args(argv)
-    try:
-        uri = resolve_tracking_uri(args.mlflow_uri, args.output_dir)
-        print(json.dumps(write_report(uri, args.out, args.experiment, args.ui_base)))
-    except DiffuRecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    uri = resolve_tracking_uri(args.mlflow_uri, args.output_dir)
+    print(json.dumps(write_report(uri, args.out, args.experiment, args.ui_base)))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

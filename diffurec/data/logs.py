@@ -151,15 +151,21 @@ def read_log_file(
 
             src = opener(local) if opener else local
             table = pjson.read_json(src)
-    except DiffuRecError:
-        raise
-    except FileNotFoundError:
-        raise DiffuRecError(f"{path}: no such file") from None
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DiffuRecError(f"{path}: cannot read as {fmt}: {msg}") from None
+    except READ_ERRORS as exc:
+        raise read_error(path, fmt, exc) from None
     _check_columns(path, columns, table.column_names)
     return table.select(columns)
+
+
+READ_ERRORS = (FileNotFoundError, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError)
+
+
+def read_error(path: str, fmt: str, exc: BaseException) -> DiffuRecError:
+    """The one-line error for a log file pyarrow could not read (``READ_ERRORS``)."""
+    if isinstance(exc, FileNotFoundError):
+        return DiffuRecError(f"{path}: no such file")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DiffuRecError(f"{path}: cannot read as {fmt}: {first}")
 
 
 def _check_columns(path: str, wanted: Sequence[str], present: Sequence[str]) -> None:
