@@ -45,6 +45,27 @@ def sqlite_init_lock(tracking_uri: str):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The experiment's id, creating it if needed. Beside a sqlite store its artifacts go to an
+    absolute ``mlartifacts/`` next to the database: MLflow's default ``./mlruns`` would follow
+    whichever process's working directory created the experiment."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    with sqlite_init_lock(tracking_uri):
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        try:
+            return client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            # another process (a parallel trial on a server store) created it first
+            return client.get_experiment_by_name(name).experiment_id
+
+
 def config_params(cfg: Config) -> dict[str, Any]:
     """The config as MLflow params, under the same key names as YAML, ``--set`` and tune spaces."""
     return cfg.to_dict()
@@ -76,24 +97,13 @@ class MLflowRun:
             exp_id = self.client.get_run(run_id).info.experiment_id
             self.client.update_run(run_id, status="RUNNING")
         else:
-            exp_id = self._experiment_id(experiment)
+            exp_id = ensure_experiment(tracking_uri, experiment)
             tags = dict(tags or {})
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
         self.experiment_id = exp_id
-
-    def _experiment_id(self, name: str) -> str:
-        with sqlite_init_lock(self.tracking_uri):
-            exp = self.client.get_experiment_by_name(name)
-            if exp is not None:
-                return exp.experiment_id
-            try:
-                return self.client.create_experiment(name)
-            except self.mlflow.exceptions.MlflowException:
-                # another process (a parallel trial) created it first
-                return self.client.get_experiment_by_name(name).experiment_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

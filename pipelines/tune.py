@@ -152,26 +152,6 @@ def prepare_data(data: str | None, output: Path, cfg: Config) -> str:
     return str(out.resolve())
 
 
-def ensure_experiment(uri: str, name: str, output: Path) -> str:
-    """Create the experiment with an absolute artifact root beside a local store (MLflow's default
-    ``./mlruns`` would follow whichever process's working directory created it)."""
-    import mlflow
-
-    client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if uri.startswith(("sqlite:", "file:", "/")):
-        location = (output / "mlartifacts").resolve().as_uri()
-    try:
-        return client.create_experiment(name, artifact_location=location)
-    except Exception:  # created concurrently
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
-
 
 def worker_resources(args, cluster: dict[str, float], started_here: bool) -> dict[str, float]:
     """Per-worker resources, and a refusal (before any trial) when a trial can never fit."""
@@ -533,10 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     num_samples = args.num_samples or (QUICK_SAMPLES if quick else space.num_samples or 8)
     registered = args.registered_model or f"{args.experiment}-best"
 
-    from diffurec.tracking import MLflowRun, resolve_tracking_uri
+    from diffurec.tracking import MLflowRun, ensure_experiment, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.mlflow_uri, output)
-    experiment_id = ensure_experiment(uri, args.experiment, output)
+    experiment_id = ensure_experiment(uri, args.experiment)
     data_dir = prepare_data(args.data, output, base)
     sdir = sweep_dir(output, name)
     storage = output / "ray_results"
