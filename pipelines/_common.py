@@ -54,7 +54,10 @@ def init_ray(**kwargs) -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        kwargs.setdefault("include_dashboard", False)
+        # the dashboard serves the state API that Ray Train's placement-group cleanup (and
+        # Train-inside-Tune) relies on; loopback only
+        kwargs.setdefault("include_dashboard", True)
+        kwargs.setdefault("dashboard_host", "127.0.0.1")
         ray.init(address="local", **kwargs)
     return True
 
