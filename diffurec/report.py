@@ -110,6 +110,8 @@ def main_groups(runs: list[dict]) -> list[dict]:
         metrics = sorted({k for r in members for k in r["metrics"] if k.startswith(("test/", "valid/"))
                           or k in ("seconds_to_best", "best_epoch")})
         row = {"dataset": dataset, "model": model, "runs": [r["run_id"] for r in members],
+               "budget": sorted({r["tags"]["budget"] for r in members if "budget" in r["tags"]}),
+               "epochs_run": [int(r["metrics"].get("best_epoch", 0)) for r in members],
                "seeds": [r["params"].get("seed") for r in members],
                "config": _typed(members[0]["params"])}
         for k in metrics:
@@ -232,6 +234,12 @@ def write_report(tracking_uri: str, out_dir: str | Path, experiments: list[str] 
         label = "paper" if model == "diffurec" else "public re-run"
         lines.append(f"| {dataset} | {model} ({label}) | - | " + " | ".join(cells) + " | - | - | - |")
     lines.append("")
+    cut = [row for row in rows if row["budget"]]
+    if cut:
+        lines += ["Runs tagged with a training budget (not run to early stopping; read them as lower bounds):", ""]
+        lines += [f"- {row['dataset']} / {row['model']}: {', '.join(row['budget'])}; best epoch per run "
+                  f"{row['epochs_run']}" for row in cut]
+        lines.append("")
     if heads:
         lines += ["Configs of the headline rows (`results.json` has each in full, ready for "
                   "`python -m diffurec train --config`):", ""]

@@ -96,6 +96,8 @@ class MLflowRun:
             self.run_id = run_id
             exp_id = self.client.get_run(run_id).info.experiment_id
             self.client.update_run(run_id, status="RUNNING")
+            for key, value in (tags or {}).items():
+                self.client.set_tag(run_id, key, str(value))
         else:
             exp_id = ensure_experiment(tracking_uri, experiment)
             tags = dict(tags or {})
