@@ -220,7 +220,7 @@ def write_report(tracking_uri: str, out_dir: str | Path, experiments: list[str] 
              "Full ranking over all items, leave-one-out, test split, in %. Mean ± std over the runs (seeds)",
              "of one config; `n` runs. Paper figures alongside.", ""]
     lines += ["## Main results", "",
-              "| dataset | model | n | " + " | ".join(TABLE_METRICS) + " | valid NDCG@10 | train s to best | runs |",
+              "| dataset | model | n | " + " | ".join(TABLE_METRICS) + " | valid NDCG@10 (last epoch) | train s to best | runs |",
               "|---|---|---|" + "---|" * len(TABLE_METRICS) + "---|---|---|"]
     for row in rows:
         cells = [_fmt(row.get(m)) for m in TABLE_METRICS]
