@@ -48,19 +48,15 @@ def assert_same_dataset(a: Path, b: Path):
         assert pq.read_table(a / f).equals(pq.read_table(b / f)), f
 
 
-def test_beauty_equals_library(ray_local, shared_path, tmp_path):
-    src = shared_path("datasets/beauty/interactions.parquet")
-    stats = prep.prepare(str(src), str(tmp_path / "ray"), 5, 5)
-    assert (stats["users"], stats["items"], stats["interactions"]) == (22_363, 12_101, 198_502)
-    write_split(src, tmp_path / "lib", 5, 5)
-    assert_same_dataset(tmp_path / "ray", tmp_path / "lib")
-
-
-def test_ml1m_user_threshold_only(ray_local, shared_path, tmp_path):
-    src = shared_path("datasets/ml-1m/interactions.parquet")
-    stats = prep.prepare(str(src), str(tmp_path / "ray"), 5, 0)
-    assert (stats["users"], stats["items"], stats["interactions"]) == (6_040, 3_706, 1_000_209)
-    write_split(src, tmp_path / "lib", 5, 0)
+@pytest.mark.parametrize("name,min_user,min_item,expected", [
+    ("beauty", 5, 5, (22_363, 12_101, 198_502)),
+    ("ml-1m", 5, 0, (6_040, 3_706, 1_000_209)),  # user threshold only
+])
+def test_shared_logs_equal_library(ray_local, shared_path, tmp_path, name, min_user, min_item, expected):
+    src = shared_path(f"datasets/{name}/interactions.parquet")
+    stats = prep.prepare(str(src), str(tmp_path / "ray"), min_user, min_item)
+    assert (stats["users"], stats["items"], stats["interactions"]) == expected
+    write_split(src, tmp_path / "lib", min_user, min_item)
     assert_same_dataset(tmp_path / "ray", tmp_path / "lib")
 
 
