@@ -1,4 +1,4 @@
-"""Scale benchmark: pipelines/prepare.py (Ray Data) against a single-process pyarrow baseline.
+"""Scale benchmark: pipelines/prepare.py (Ray map/reduce) against a single-process pyarrow baseline.
 
     python benchmarks/prepare_scale.py [--events 10000000] [--items 50000]
         [--object-store-memory 2000000000] [--num-cpus N] [--workdir DIR] [--keep]
@@ -132,6 +132,10 @@ def main(argv=None) -> int:
         print(f"wrote {log_path} in {time.time() - t0:.1f}s", file=sys.stderr)
     events = pq.read_metadata(log_path).num_rows
 
+    import shutil
+
+    for old in ("baseline_out", "ray_out"):  # outputs of a previous --keep run
+        shutil.rmtree(work / old, ignore_errors=True)
     result = {"events": events, "cpus": os.cpu_count(),
               "object_store_memory": args.object_store_memory}
     if not args.skip_baseline:
@@ -167,8 +171,6 @@ def main(argv=None) -> int:
         result["ratio_pipeline"] = round(b["seconds"] / pipe_s, 3)
         result["ratio_total"] = round(b["seconds"] / wall, 3)
     if not args.keep:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
     return 0

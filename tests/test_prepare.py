@@ -1,4 +1,4 @@
-"""pipelines/prepare.py: the Ray Data pipeline gives exactly the core library's split.
+"""pipelines/prepare.py: the Ray pipeline gives exactly the core library's split.
 
 Runs on a real local Ray cluster (the ``ray_local`` fixture: ``ray.init(address="local")``),
 plus one run of the command line in a subprocess.
@@ -88,6 +88,17 @@ def test_hand_made_kcore_ties_and_dedupe(ray_local, tmp_path):
         lib.sequences.column("items").to_pylist()
     # ties keep log order: u5 = c, a, b at t=7 (dup c dropped); u6 = c, then b, a at t=1
     assert data.sequence(2).tolist() == [3, 1, 2] and data.sequence(3).tolist() == [3, 2, 1]
+
+
+def test_more_blocks_than_users_and_no_intermediates_left(ray_local, tmp_path):
+    # 16 partitions for 6 users: most are empty; the output holds only the dataset
+    src = tmp_path / "log.parquet"
+    pq.write_table(_hand_log(), src)
+    stats = prep.prepare(str(src), str(tmp_path / "ray"), 3, 2, num_blocks=16)
+    assert stats == split_log(read_log(src), 3, 2).stats
+    assert sorted(os.listdir(tmp_path)) == ["log.parquet", "ray"]
+    assert "_work" not in os.listdir(tmp_path / "ray")
+    assert len(os.listdir(tmp_path / "ray" / "sequences")) <= stats["users"]
 
 
 def test_short_users_dropped_and_counted(ray_local, tmp_path):
