@@ -14,6 +14,7 @@ from torch import nn
 from diffurec.config import Config
 from diffurec.models.approximator import Approximator, attention_mask
 from diffurec.models.diffusion import GaussianDiffusion, make_timestep_sampler
+from diffurec.models.dropout import Dropout
 
 
 class SequenceEncoderBase(nn.Module):
@@ -33,7 +34,7 @@ class SequenceEncoderBase(nn.Module):
         self.position_embeddings = (
             nn.Embedding(cfg.max_len, cfg.hidden_size) if cfg.positional_embedding else None
         )
-        self.emb_dropout = nn.Dropout(cfg.emb_dropout)
+        self.emb_dropout = Dropout(cfg.emb_dropout)
         self.emb_norm = nn.LayerNorm(cfg.hidden_size)
 
     def embed_history(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
