@@ -61,7 +61,9 @@ class Config:
     deterministic_reverse: bool = False
     reverse_samples: int = 1
     # evaluation
-    eval_batch_size: int = 512
+    # 256 users keep a block's activations in cache on CPU: 1.4-1.6x the users/s of 512 on
+    # 2 threads (benchmarks/throughput.py); metrics do not depend on it
+    eval_batch_size: int = 256
     exclude_history: bool = False
     # data (used when --data is a raw log that must be split first)
     min_user: int = 5
