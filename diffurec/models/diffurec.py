@@ -47,7 +47,9 @@ class SequenceEncoderBase(nn.Module):
             x = x + self.position_embeddings(positions)
         x = self.emb_norm(self.emb_dropout(x))
         valid = history > 0
-        if self.attend_to_padding or bool(valid.all()):
+        # no mask when nothing is padded; the check reads the tensor, so only on CPU (on a GPU it
+        # would synchronise every step, and a mask costs the fused kernel little)
+        if self.attend_to_padding or (history.device.type == "cpu" and bool(valid.all())):
             valid = None
         return x, attention_mask(valid, self.causal, L, history.device)
 
