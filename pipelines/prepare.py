@@ -93,7 +93,7 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- read
 
 
-def plan_units(files: list[str], columns: list[str]) -> list[dict]:
+def plan_units(files: list[str], columns: list[str], unit_rows: int = UNIT_ROWS) -> list[dict]:
     """Read tasks: Parquet files split by row groups (about UNIT_ROWS rows each); CSV/JSON
     files one task each (streamed in batches)."""
     units = []
@@ -125,7 +125,7 @@ def plan_units(files: list[str], columns: list[str]) -> list[dict]:
         for rg in range(md.num_row_groups):
             cur.append(rg)
             cur_rows += md.row_group(rg).num_rows
-            if cur_rows >= UNIT_ROWS or rg == md.num_row_groups - 1:
+            if cur_rows >= unit_rows or rg == md.num_row_groups - 1:
                 units.append({"file": fi, "path": path, "fmt": fmt, "rgs": cur, "row": row,
                               "rows": cur_rows})
                 row += cur_rows
@@ -133,7 +133,7 @@ def plan_units(files: list[str], columns: list[str]) -> list[dict]:
         if md.num_row_groups == 0:
             units.append({"file": fi, "path": path, "fmt": fmt, "rgs": [], "row": 0, "rows": 0})
     for index, unit in enumerate(units):
-        unit["index"] = index
+        unit["index"], unit["chunk_rows"] = index, unit_rows
     return units
 
 
@@ -164,7 +164,7 @@ def _raw_chunks(unit: dict, columns: list[str]):
             for batch in reader:
                 buf.append(batch)
                 n += batch.num_rows
-                if n >= UNIT_ROWS:
+                if n >= unit["chunk_rows"]:
                     yield row, pa.Table.from_batches(buf).select(columns)
                     row, buf, n = row + n, [], 0
             if buf or row == 0:
@@ -207,20 +207,23 @@ def _partition_of(users: pa.ChunkedArray, parts: int) -> np.ndarray:
 
 
 def map_unit(unit: dict, cols: dict, parts: int, work_dir: str):
-    """Map task: read one unit, validate it, and split its rows by user partition.
+    """Map task: read one unit chunk by chunk, validate each, split its rows by user partition.
 
-    Writes one piece per partition (``user_id, item_id, timestamp, __order``) under
-    ``work_dir`` and returns ``(raw rows, kept rows, piece paths by partition)``. ``__order`` is
-    the row's position in the raw log (file index, row in file), so timestamp ties keep the
-    log's order.
+    Writes one piece per chunk and partition (``user_id, item_id, timestamp, __order``) under
+    ``work_dir`` and returns ``(raw rows, kept rows, piece paths by partition)``, so a task holds
+    one chunk (about UNIT_ROWS rows) at a time, however large a CSV file is. ``__order`` is the
+    row's position in the raw log (file index, row in file), so timestamp ties keep the log's
+    order.
     """
     wanted = [cols["user_col"], cols["item_col"], cols["time_col"]]
     if cols.get("rating_col"):
         wanted.append(cols["rating_col"])
-    raw_rows, tables = 0, []
-    for row_base, raw in _raw_chunks(unit, wanted):
+    raw_rows = kept_rows = 0
+    paths: list[list[str]] = [[] for _ in range(parts)]
+    for chunk, (row_base, raw) in enumerate(_raw_chunks(unit, wanted)):
         t = normalize_log(raw, unit["path"], row_base=row_base, **cols)
         raw_rows += raw.num_rows
+        kept_rows += t.num_rows
         if t.num_rows == raw.num_rows:
             rows = np.arange(row_base, row_base + raw.num_rows, dtype=np.int64)
         else:  # the rating filter dropped rows: recover the kept rows' positions
@@ -228,18 +231,17 @@ def map_unit(unit: dict, cols: dict, parts: int, work_dir: str):
             keep = pc.fill_null(pc.greater_equal(rating, cols["min_rating"]), False)
             rows = row_base + np.flatnonzero(keep.to_numpy(zero_copy_only=False))
         order = (np.int64(unit["file"]) << ROW_BITS) + rows.astype(np.int64)
-        tables.append(t.append_column(ORDER, pa.array(order)))
-    table = pa.concat_tables(tables).combine_chunks()
-    part = _partition_of(table.column("user_id"), parts)
-    by_part = np.argsort(part, kind="stable")  # stable: each piece stays in log order
-    table = table.take(pa.array(by_part))
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(part, minlength=parts))])
-    paths = []
-    for k in range(parts):
-        path = os.path.join(work_dir, f"piece-{unit['index']:06d}-{k:05d}.arrow")
-        write_block(table.slice(bounds[k], bounds[k + 1] - bounds[k]), path)
-        paths.append(path)
-    return raw_rows, table.num_rows, paths
+        t = t.append_column(ORDER, pa.array(order)).combine_chunks()
+        part = _partition_of(t.column("user_id"), parts)
+        t = t.take(pa.array(np.argsort(part, kind="stable")))  # stable: pieces keep log order
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(part, minlength=parts))])
+        for k in range(parts):
+            if bounds[k + 1] == bounds[k] and chunk > 0:
+                continue  # the first chunk writes every piece, so each has a schema to read
+            path = os.path.join(work_dir, f"piece-{unit['index']:06d}-{chunk:05d}-{k:05d}.arrow")
+            write_block(t.slice(bounds[k], bounds[k + 1] - bounds[k]), path)
+            paths[k].append(path)
+    return raw_rows, kept_rows, paths
 
 
 # ----------------------------------------------------------------------------- per-block steps
@@ -411,6 +413,7 @@ def prepare(
     min_rating: float | None = None,
     overwrite: bool = False,
     num_blocks: int | None = None,
+    unit_rows: int = UNIT_ROWS,
 ) -> dict:
     """Run the pipeline on the current Ray cluster (``ray.init`` first); returns the stats.
 
@@ -418,7 +421,7 @@ def prepare(
     """
     try:
         return _prepare(input_path, output, min_user, min_item, user_col, item_col, time_col,
-                        rating_col, min_rating, overwrite, num_blocks)
+                        rating_col, min_rating, overwrite, num_blocks, unit_rows)
     except DiffuRecError as exc:
         err = _ray_error(exc)
         if err is None or err is exc:
@@ -432,7 +435,7 @@ def prepare(
 
 
 def _prepare(input_path, output, min_user, min_item, user_col, item_col, time_col, rating_col,
-             min_rating, overwrite, num_blocks) -> dict:
+             min_rating, overwrite, num_blocks, unit_rows) -> dict:
     import ray
 
     if min_user < 0 or min_item < 0:
@@ -446,7 +449,7 @@ def _prepare(input_path, output, min_user, min_item, user_col, item_col, time_co
     cols = {"user_col": user_col, "item_col": item_col, "time_col": time_col,
             "rating_col": rating_col, "min_rating": min_rating}
     wanted = [user_col, item_col, time_col] + ([rating_col] if rating_col else [])
-    units = plan_units(files, wanted)
+    units = plan_units(files, wanted, unit_rows)
     est_rows = sum(u["rows"] for u in units)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     p = num_blocks or max(cpus, -(-est_rows // BLOCK_ROWS))
@@ -487,8 +490,8 @@ def _run_stages(ray, units, cols, p, tmp: Path, input_path, min_user, min_item, 
     log(f"read {rows_read} events ({time.time() - t0:.1f}s)")
     blocks = [str(work / f"block-{k:05d}.arrow") for k in range(p)]
     reduce_task = ray.remote(reduce_partition)
-    counts_refs = [reduce_task.remote([m[2][k] for m in mapped], blocks[k], min_user)
-                   for k in range(p)]
+    counts_refs = [reduce_task.remote([path for m in mapped for path in m[2][k]], blocks[k],
+                                      min_user) for k in range(p)]
     _wait(counts_refs, "shuffle, sort, dedupe", t0)
     g = global_counts(ray.get(counts_refs), min_user, min_item)
     deduped = g["events"]

@@ -173,6 +173,16 @@ def test_cli_movielens_csv(shared_path, tmp_path):
     assert_same_dataset(tmp_path / "ray", tmp_path / "lib")
 
 
+def test_csv_read_in_chunks_equals_library(ray_local, shared_path, tmp_path):
+    """A CSV larger than one read chunk: pieces per chunk keep ties in file order."""
+    src = shared_path("datasets/raw/ml-latest-small/ratings.csv")
+    kw = {"user_col": "userId", "item_col": "movieId", "rating_col": "rating", "min_rating": 3.5}
+    stats = prep.prepare(str(src), str(tmp_path / "ray"), 5, 5, num_blocks=3, unit_rows=20_000,
+                         **kw)
+    assert stats == write_split(src, tmp_path / "lib", 5, 5, **kw)
+    assert_same_dataset(tmp_path / "ray", tmp_path / "lib")
+
+
 def test_cli_user_error_one_line(tmp_path):
     r = _run_cli("--input", str(tmp_path / "nope.csv"), "--output", str(tmp_path / "o"))
     assert r.returncode == 1
