@@ -47,6 +47,9 @@ class Config:
     emb_dropout: float = 0.3
     max_len: int = 50
     positional_embedding: bool = False
+    # std of the initial item embeddings: 0 = hidden_size ** -0.5 (unit-norm rows); 1.0 is
+    # torch's nn.Embedding default
+    embedding_init_std: float = 0.0
     # the reference attends to padded positions; kept only for the ablation
     attend_to_padding: bool = False
     # diffusion
@@ -140,6 +143,7 @@ class Config:
                 raise DiffuRecError(f"config key '{key}' = {getattr(self, key)!r} is invalid: {allowed}")
 
         need(self.model in MODELS, "model", f"one of {', '.join(MODELS)}")
+        need(self.embedding_init_std >= 0, "embedding_init_std", "must be >= 0 (0: hidden_size ** -0.5)")
         need(self.noise_schedule in NOISE_SCHEDULES, "noise_schedule", f"one of {', '.join(NOISE_SCHEDULES)}")
         need(self.timestep_sampler in TIMESTEP_SAMPLERS, "timestep_sampler", f"one of {', '.join(TIMESTEP_SAMPLERS)}")
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {', '.join(LR_SCHEDULES)}")

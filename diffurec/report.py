@@ -69,7 +69,13 @@ def load_runs(tracking_uri: str, experiments: list[str] | None = None) -> list[d
 
 
 def _config_key(params: dict[str, str]) -> tuple:
-    return tuple(sorted((k, v) for k, v in params.items() if k not in NON_MODEL_KEYS))
+    """The training config a run's params describe, defaults filled in, so a run logged before
+    a config key existed groups with later runs that leave that key at its default."""
+    try:
+        full = _typed(params)
+    except (DiffuRecError, TypeError, ValueError):  # not a Config (foreign runs): as logged
+        full = params
+    return tuple(sorted((k, str(v)) for k, v in full.items() if k not in NON_MODEL_KEYS))
 
 
 def _stats(values: list[float]) -> dict[str, float]:

@@ -28,7 +28,7 @@ class SequenceEncoderBase(nn.Module):
         self.max_len = cfg.max_len
         self.attend_to_padding = cfg.attend_to_padding
         self.item_embeddings = nn.Embedding(num_items + 1, cfg.hidden_size, padding_idx=0)
-        nn.init.normal_(self.item_embeddings.weight, std=cfg.hidden_size**-0.5)
+        nn.init.normal_(self.item_embeddings.weight, std=cfg.embedding_init_std or cfg.hidden_size**-0.5)
         with torch.no_grad():
             self.item_embeddings.weight[0].zero_()
         self.position_embeddings = (
