@@ -263,10 +263,11 @@ def write_report(tracking_uri: str, out_dir: str | Path, experiments: list[str] 
             png = f"ablation_{name}.png"
             plot_ablation(name, points, out_dir / png)
             lines += [f"### {name}", "", f"![{name}]({png})", "",
-                      "| dataset | model | value | valid NDCG@10 | test NDCG@10 | test HR@10 | run |",
-                      "|---|---|---|---|---|---|---|"]
+                      "| dataset | model | value | valid NDCG@10 | valid HR@10 | test NDCG@10 | test HR@10 | run |",
+                      "|---|---|---|---|---|---|---|---|"]
             for p in points:
-                cells = [f"{100 * p[k]:.2f}" if k in p else "-" for k in ("valid/NDCG@10", "test/NDCG@10", "test/HR@10")]
+                cells = [f"{100 * p[k]:.2f}" if k in p else "-"
+                         for k in ("valid/NDCG@10", "valid/HR@10", "test/NDCG@10", "test/HR@10")]
                 lines.append(f"| {p['dataset']} | {p['model']} | {p['label']} | " + " | ".join(cells)
                              + f" | {link(p['run_id'])} |")
             lines.append("")
