@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,6 +95,11 @@ def cmd_train(args) -> dict:
         if tracker is not None:
             tracker.log_metrics(metrics, step=epoch)
 
+    def terminated(signum, frame):  # `kill`, a scheduler's stop: end the MLflow run as KILLED
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminated) if in_main else None
     try:
         result = fit(cfg, data, run_dir, device=device, resume_from=resume_from,
                      on_epoch_end=on_epoch_end, progress=not args.no_progress)
@@ -101,6 +108,9 @@ def cmd_train(args) -> dict:
         if tracker is not None:
             tracker.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
         raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     out = {"run_name": name, "checkpoint": str(run_dir / "best.pt"), "best_epoch": result["best_epoch"],
            "epochs": result["epochs"], "seconds_to_best": round(result["seconds_to_best"], 2),
            **{f"valid/{k}": v for k, v in result["best_valid"].items()},

@@ -75,3 +75,35 @@ def test_bad_input_is_one_line_error(log, tmp_path, args, match):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and match in proc.stderr
+
+
+def test_sigterm_ends_the_run_killed_and_it_resumes(log, tmp_path):
+    """`kill` mid-training: the MLflow run ends KILLED (not left RUNNING), the checkpoint of the
+    last finished epoch stays, and --resume continues from it."""
+    import os
+    import signal
+    import time
+
+    import mlflow
+
+    sets = [a for s in TINY[:-1] + ["epochs=500", "patience=500"] for a in ("--set", s)]
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "diffurec", "train", "--data", str(log), *sets,
+                             "--output-dir", str(out), "--no-progress", "--name", "k"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    latest = out / "runs" / "k" / "latest.pt"
+    deadline = time.time() + 240
+    while not latest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert latest.exists(), proc.stderr.read()[-2000:] if proc.poll() is not None else "no epoch in 240s"
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    run_id = (out / "runs" / "k" / "mlflow_run_id").read_text().strip()
+    client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "KILLED"
+    done = [json.loads(line)["epoch"] for line in (out / "runs" / "k" / "metrics.jsonl").read_text().splitlines()]
+    resumed = last_json(run_cli("train", "--data", str(log), *sets, "--set", f"epochs={done[-1] + 1}",
+                                "--output-dir", str(out), "--no-progress", "--resume", "k"))
+    assert resumed["epochs"] == done[-1] + 1
+    assert client.get_run(run_id).info.status == "FINISHED"
