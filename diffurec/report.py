@@ -30,8 +30,10 @@ PAPER = {
     ("ml-1m", "diffurec"): {"test/HR@10": 26.26, "test/NDCG@10": 14.79, "test/HR@20": 36.79, "test/NDCG@20": 17.44},
 }
 TABLE_METRICS = ["test/HR@10", "test/NDCG@10", "test/HR@20", "test/NDCG@20"]
-# keys that do not change what is trained
-NON_MODEL_KEYS = {"seed", "device", "threads", "output_dir", "eval_batch_size"}
+# keys that do not change what is trained; ``epochs`` is only the cap of early stopping (a resumed
+# run may raise or lower it, and MLflow keeps the first value), the epochs actually trained are
+# each run's own, and the budget tags say where a cap cut a run short
+NON_MODEL_KEYS = {"seed", "device", "threads", "output_dir", "eval_batch_size", "epochs"}
 
 
 def dataset_label(tag: str | None) -> str:
@@ -59,6 +61,7 @@ def load_runs(tracking_uri: str, experiments: list[str] | None = None) -> list[d
             "run_id": run.info.run_id,
             "experiment": next(e.name for e in exps if e.experiment_id == run.info.experiment_id),
             "status": run.info.status,
+            "start_time": run.info.start_time or 0,
             "tags": tags,
             "params": params,
             "metrics": {library_metric_name(k): v for k, v in run.data.metrics.items()},
@@ -119,7 +122,8 @@ def main_groups(runs: list[dict]) -> list[dict]:
                "budget": sorted({r["tags"]["budget"] for r in members if "budget" in r["tags"]}),
                "epochs_run": [int(r["metrics"].get("best_epoch", 0)) for r in members],
                "seeds": [r["params"].get("seed") for r in members],
-               "config": _typed(members[0]["params"])}
+               # the newest run's config: a resumed older run may carry a stale epochs cap
+               "config": _typed(max(members, key=lambda r: r.get("start_time", 0))["params"])}
         for k in metrics:
             values = [r["metrics"][k] for r in members if k in r["metrics"]]
             if values:
