@@ -229,7 +229,9 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, prepared, tm
 
     status = tmp_path / "status"
     status.mkdir()
-    cfg = Config().with_overrides(dict(TINY, epochs=2, model="sasrec", batch_size=32))
+    # small batches make epoch 2 long enough (hundreds of steps) for the killer below to catch
+    # it even on a loaded machine
+    cfg = Config().with_overrides(dict(TINY, epochs=2, model="sasrec", batch_size=8))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     trainer = train.make_trainer(cfg, str(prepared), num_workers=2, name="killed",
                                  storage_path=str(tmp_path / "ray_results"), mlflow_uri=uri,
@@ -244,7 +246,7 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, prepared, tm
                     s = json.loads(f.read_text())
                 except (OSError, ValueError):
                     continue
-                if s["epoch"] == 2 and s["step"] >= 3:  # epoch 1 reported, epoch 2 under way
+                if s["epoch"] == 2 and s["step"] >= 1:  # epoch 1 reported, epoch 2 under way
                     os.kill(s["pid"], signal.SIGKILL)
                     killed.update(s)
                     return
