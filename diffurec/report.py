@@ -153,6 +153,8 @@ def ablations(runs: list[dict]) -> dict[str, list[dict]]:
         value = r["tags"].get("ablation_value") or r["params"].get(key)
         point = {"run_id": r["run_id"], "dataset": r["dataset"], "model": r["model"], "value": _parse(value)
                  if value is not None else None, "label": r["tags"].get("ablation_label", str(value))}
+        if "budget" in r["tags"]:
+            point["budget"] = r["tags"]["budget"]
         for k in ("valid/NDCG@10", "test/NDCG@10", "valid/HR@10", "test/HR@10", "seconds_to_best"):
             if k in r["metrics"]:
                 point[k] = r["metrics"][k]
@@ -274,6 +276,10 @@ def write_report(tracking_uri: str, out_dir: str | Path, experiments: list[str] 
                          for k in ("valid/NDCG@10", "valid/HR@10", "test/NDCG@10", "test/HR@10")]
                 lines.append(f"| {p['dataset']} | {p['model']} | {p['label']} | " + " | ".join(cells)
                              + f" | {link(p['run_id'])} |")
+            budgets = sorted({p["budget"] for p in points if "budget" in p})
+            if budgets:
+                lines += ["", f"Training budget of these runs (not early-stopped; compare them with each "
+                          f"other, not with the main table): {'; '.join(budgets)}."]
             lines.append("")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     return {"results_md": str(out_dir / "results.md"), "results_json": str(out_dir / "results.json"),
