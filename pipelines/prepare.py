@@ -13,11 +13,11 @@ How it runs: a map/reduce over Ray tasks; all per-block work is vectorised pyarr
 ``diffurec.data.split``.
 
 1. map:        one task per file chunk (Parquet row groups / streamed CSV batches), validated by
-               ``logs.normalize_log``; each row gets ``__order`` = (file index, row) so ties keep
-               the log's order as in the single-process path; rows are split into P pieces by a
-               hash of the user id.
-2. reduce:     one task per partition reads its P pieces, sorts stably on
-               ``(user_id, timestamp, __order)``, applies ``split.dedupe`` and counts items:
+               ``logs.normalize_log``; rows are split into P pieces by a hash of the user id,
+               each piece keeping the log's row order.
+2. reduce:     one task per partition reads its pieces in log order, sorts stably on
+               ``(user_id, timestamp)`` (ties keep the log's order, as in the single-process
+               path), applies ``split.dedupe`` and counts items:
                every user's events are now in one block.
 3. k-core:     item counts summed on the driver; per block ``split.kcore_round`` with the global
                counts, which also recounts; repeated until a round would drop nothing (the
@@ -80,8 +80,6 @@ from diffurec.data.sequences import (  # noqa: E402
 )
 from diffurec.errors import DiffuRecError  # noqa: E402
 
-ORDER = "__order"
-ROW_BITS = 40  # __order = file_index << 40 | row_in_file
 UNIT_ROWS = 1_000_000  # rows per read task
 BLOCK_ROWS = 2_500_000  # target events per user-keyed block
 
@@ -209,11 +207,9 @@ def _partition_of(users: pa.ChunkedArray, parts: int) -> np.ndarray:
 def map_unit(unit: dict, cols: dict, parts: int, work_dir: str):
     """Map task: read one unit chunk by chunk, validate each, split its rows by user partition.
 
-    Writes one piece per chunk and partition (``user_id, item_id, timestamp, __order``) under
+    Writes one piece per chunk and partition (``user_id, item_id, timestamp``, in log order) under
     ``work_dir`` and returns ``(raw rows, kept rows, piece paths by partition)``, so a task holds
-    one chunk (about UNIT_ROWS rows) at a time, however large a CSV file is. ``__order`` is the
-    row's position in the raw log (file index, row in file), so timestamp ties keep the log's
-    order.
+    one chunk (about UNIT_ROWS rows) at a time, however large a CSV file is.
     """
     wanted = [cols["user_col"], cols["item_col"], cols["time_col"]]
     if cols.get("rating_col"):
@@ -224,14 +220,7 @@ def map_unit(unit: dict, cols: dict, parts: int, work_dir: str):
         t = normalize_log(raw, unit["path"], row_base=row_base, **cols)
         raw_rows += raw.num_rows
         kept_rows += t.num_rows
-        if t.num_rows == raw.num_rows:
-            rows = np.arange(row_base, row_base + raw.num_rows, dtype=np.int64)
-        else:  # the rating filter dropped rows: recover the kept rows' positions
-            rating = raw.column(cols["rating_col"])
-            keep = pc.fill_null(pc.greater_equal(rating, cols["min_rating"]), False)
-            rows = row_base + np.flatnonzero(keep.to_numpy(zero_copy_only=False))
-        order = (np.int64(unit["file"]) << ROW_BITS) + rows.astype(np.int64)
-        t = t.append_column(ORDER, pa.array(order)).combine_chunks()
+        t = t.combine_chunks()
         part = _partition_of(t.column("user_id"), parts)
         t = t.take(pa.array(np.argsort(part, kind="stable")))  # stable: pieces keep log order
         bounds = np.concatenate([[0], np.cumsum(np.bincount(part, minlength=parts))])
@@ -251,8 +240,10 @@ def map_unit(unit: dict, cols: dict, parts: int, work_dir: str):
 
 
 def block_sort_dedupe(block: pa.Table) -> pa.Table:
-    """Stable order by (user, timestamp, log position), then drop exact duplicates."""
-    block = S.sort_events(block, order_col=ORDER)
+    """Stable order by (user, timestamp), then drop exact duplicates. A reduce task's block is
+    already in log order (pieces by unit, then chunk; rows kept in order within each), so the
+    stable sort alone keeps ties in log order."""
+    block = S.sort_events(block)
     block, _ = S.dedupe(block, presorted=True)
     return block
 
@@ -311,7 +302,7 @@ def kcore_block(block_path: str, min_user: int, min_item: int, item_counts: pa.T
 
 def block_finalize(block_path: str, items: pa.Table, out_dir: str) -> pa.Table:
     """Drop short users, build sequences, write one shard; return (user_id, length) rows."""
-    block = read_block(block_path).drop_columns([ORDER])
+    block = read_block(block_path)
     block, _, _ = S.drop_short_users(block)
     seqs = S.user_sequences(block, items, presorted=True)
     if seqs.num_rows:
