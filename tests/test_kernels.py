@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from diffurec.models.approximator import attend, attention_mask
-from diffurec.models.dropout import Dropout, dropout, keep_mask
+from diffurec.models.dropout import Dropout, dropout, keep_mask, scaled_keep_mask
 
 
 @pytest.mark.parametrize("length", [1, 5, 20, 33])
@@ -50,3 +50,20 @@ def test_dropout_forward_backward_and_eval():
     m = Dropout(0.25).eval()
     assert m(x) is x  # identity in eval
     assert torch.equal(Dropout(0.0).train()(x), x)
+
+
+def test_scaled_mask_matches_keep_mask_in_every_dtype():
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(3)
+        keep = keep_mask(torch.Size([30, 40]), 0.2)
+        torch.manual_seed(3)
+        scaled = scaled_keep_mask(torch.Size([30, 40]), 0.2, dtype)
+        assert scaled.dtype == dtype
+        assert torch.equal(scaled != 0, keep)
+        torch.testing.assert_close(scaled[keep].float(), torch.full((int(keep.sum()),), 1 / 0.8),
+                                   atol=1e-2 if dtype == torch.bfloat16 else 1e-6, rtol=0)
+    x = torch.randn(8, 16, dtype=torch.bfloat16, requires_grad=True)
+    y = dropout(x, 0.5, True)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert torch.equal(x.grad != 0, y != 0)  # gradient flows exactly where the input was kept

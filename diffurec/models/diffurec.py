@@ -58,7 +58,10 @@ class SequenceEncoderBase(nn.Module):
         return rep @ self.item_embeddings.weight[1:].t()
 
     def cross_entropy(self, rep: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.score(rep).float(), target - 1, reduction="none")
+        # log-softmax in float32 even under bf16 autocast; its dtype argument upcasts inside the
+        # kernel instead of materialising a float32 copy of the [B, items] scores (and its grad)
+        log_probs = F.log_softmax(self.score(rep), dim=-1, dtype=torch.float32)
+        return F.nll_loss(log_probs, target - 1, reduction="none")
 
 
 class DiffuRec(SequenceEncoderBase):
