@@ -35,15 +35,21 @@ for S in 1 2 4 8 16 32; do
       --reverse-steps "$S" --split both --track --experiment beauty --tag ablation=reverse_steps --no-progress
 done
 
-# training ablations, one seed each
-for sched in trunc_lin linear cosine sqrt trunc_cos pw_lin; do
-  run "beauty-abl-schedule-$sched" --set noise_schedule="$sched" --set valid_reverse_steps=4 --tag ablation=noise_schedule
+# training ablations: one seed, a 5-epoch budget each (a full early-stopped run per point does not
+# fit 2 CPU cores), tagged so the report says so. One default-config run is the shared baseline
+# point of every ablation; each other run changes one key.
+B=(--set epochs=5 --set patience=10 --set reverse_steps=4 --set seed="$first" --tag "budget=5 epochs")
+run "beauty-abl5-lambda-0.001" "${B[@]}" \
+    --tag ablation=lambda_mean,noise_schedule,positional_embedding,attend_to_padding
+for lam in 0 0.0001 0.01 0.1; do
+  run "beauty-abl5-lambda-$lam" "${B[@]}" --set lambda_mean="$lam" --tag ablation=lambda_mean
 done
-for lam in 0 0.0001 0.001 0.01 0.1; do
-  run "beauty-abl-lambda-$lam" --set lambda_mean="$lam" --set valid_reverse_steps=4 --tag ablation=lambda_mean
+run "beauty-abl5-lambda-fixed" "${B[@]}" --set lambda_std=0 --tag ablation=lambda_mean \
+    --tag ablation_value=0.001 --tag "ablation_label=0.001 fixed"
+for sched in linear cosine sqrt trunc_cos pw_lin; do
+  run "beauty-abl5-schedule-$sched" "${B[@]}" --set noise_schedule="$sched" --tag ablation=noise_schedule
 done
-run "beauty-abl-lambda-fixed" --set lambda_std=0 --set valid_reverse_steps=4 --tag ablation=lambda_std
-run "beauty-abl-positional" --set positional_embedding=true --set valid_reverse_steps=4 --tag ablation=positional_embedding
-run "beauty-abl-attend-padding" --set attend_to_padding=true --set valid_reverse_steps=4 --tag ablation=attend_to_padding
+run "beauty-abl5-positional" "${B[@]}" --set positional_embedding=true --tag ablation=positional_embedding
+run "beauty-abl5-attend-padding" "${B[@]}" --set attend_to_padding=true --tag ablation=attend_to_padding
 
 python pipelines/report.py --experiment beauty

@@ -5,7 +5,8 @@ Which runs count:
   ``kind=evaluation``) with test metrics, grouped by (dataset, model, config without seed and
   runtime keys). Each group is one row: mean ± std over its runs (seeds). ``results.json`` keeps,
   per dataset and model, the group with the most runs (ties: best mean validation NDCG@10).
-- **ablations**: runs tagged ``ablation=<config key>``; the x value is that key's param. Training
+- **ablations**: runs tagged ``ablation=<config key>``; the x value is that key's param. A run
+  tagged with several comma-separated keys is the shared baseline of each. Training
   ablations are training runs; the reverse-steps ablation is ``python -m diffurec evaluate
   --track --tag ablation=reverse_steps`` runs of one trained model.
 
@@ -147,18 +148,29 @@ def headline(rows: list[dict]) -> dict:
 def ablations(runs: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
-        key = r["tags"].get("ablation")
-        if not key or r["status"] != "FINISHED":
+        keys = [k.strip() for k in r["tags"].get("ablation", "").split(",") if k.strip()]
+        if not keys or r["status"] != "FINISHED":
             continue
-        value = r["tags"].get("ablation_value") or r["params"].get(key)
-        point = {"run_id": r["run_id"], "dataset": r["dataset"], "model": r["model"], "value": _parse(value)
-                 if value is not None else None, "label": r["tags"].get("ablation_label", str(value))}
-        if "budget" in r["tags"]:
-            point["budget"] = r["tags"]["budget"]
-        for k in ("valid/NDCG@10", "test/NDCG@10", "valid/HR@10", "test/HR@10", "seconds_to_best"):
-            if k in r["metrics"]:
-                point[k] = r["metrics"][k]
-        out[key].append(point)
+        try:
+            config = _typed(r["params"])  # defaults filled: a baseline run may predate a key
+        except (DiffuRecError, TypeError, ValueError):
+            config = {}
+        for key in keys:
+            # a run tagged with several keys (``ablation=noise_schedule,positional_embedding``) is
+            # the shared baseline point of each; its value is its own param for every key
+            single = len(keys) == 1
+            value = (r["tags"].get("ablation_value") if single else None) or r["params"].get(key)
+            if value is None and key in config:
+                value = str(config[key])
+            point = {"run_id": r["run_id"], "dataset": r["dataset"], "model": r["model"],
+                     "value": _parse(value) if value is not None else None,
+                     "label": r["tags"].get("ablation_label", str(value)) if single else str(value)}
+            if "budget" in r["tags"]:
+                point["budget"] = r["tags"]["budget"]
+            for k in ("valid/NDCG@10", "test/NDCG@10", "valid/HR@10", "test/HR@10", "seconds_to_best"):
+                if k in r["metrics"]:
+                    point[k] = r["metrics"][k]
+            out[key].append(point)
     for points in out.values():
         points.sort(key=lambda p: (p["dataset"], _sort_key(p["value"]), p["label"]))
     return dict(sorted(out.items()))

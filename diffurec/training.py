@@ -69,11 +69,15 @@ def make_lr_scheduler(optimizer, cfg: Config, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """bf16 on GPU by default; on CPU only when asked (precision='bf16'), since it changes the
+    reference's fp32 numerics there. None: no autocast."""
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+
+
 def autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on GPU by default; on CPU only when asked (precision='bf16'), since it
-    changes the reference's fp32 numerics there."""
-    enabled = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    dtype = autocast_dtype(device, precision)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype is not None)
 
 
 def progress_bar(total: int | None, desc: str, enabled: bool):
@@ -155,17 +159,20 @@ def evaluate_sums(model: nn.Module, data: SequenceData, split: str, cfg: Config,
     pad_to = cfg.max_len if cfg.attend_to_padding else None
     kwargs = {} if reverse_steps is None else {"reverse_steps": reverse_steps}
     bar = progress_bar(num_batches(len(end), cfg.eval_batch_size), f"eval {split}", progress)
-    for batch in iterate_batches(data.items, start, end, cfg.eval_batch_size, pad_to=pad_to):
-        history = batch["history"].to(device)
-        target = batch["target"].to(device)
-        with autocast(device, cfg.precision):
+    # one autocast region for the whole pass: it caches the weights' bf16 casts across batches,
+    # and the item matrix is cast once here (a slice, which autocast would cast every batch)
+    items = model.item_matrix(autocast_dtype(device, cfg.precision))
+    with autocast(device, cfg.precision):
+        for batch in iterate_batches(data.items, start, end, cfg.eval_batch_size, pad_to=pad_to):
+            history = batch["history"].to(device)
+            target = batch["target"].to(device)
             scores = None
             for _ in range(cfg.reverse_samples):
-                s = model.score(model.predict(history, **kwargs)).float()
+                s = model.score(model.predict(history, **kwargs), items).float()
                 scores = s if scores is None else scores + s
-        exclude = history if cfg.exclude_history else None
-        metrics.update(target_ranks(scores, target, exclude))
-        bar.update(1)
+            exclude = history if cfg.exclude_history else None
+            metrics.update(target_ranks(scores, target, exclude))
+            bar.update(1)
     bar.close()
     return metrics.sums, metrics.count
 

@@ -30,6 +30,9 @@ def test_report_from_a_tiny_store(tmp_path):
         fake_run(uri, "beauty", "diffurec", 1, v, tags={"ablation": "reverse_steps"}, reverse_steps=S)
     for sched in ("linear", "cosine"):
         fake_run(uri, "beauty", "diffurec", 1, 0.03, tags={"ablation": "noise_schedule"}, noise_schedule=sched)
+    fake_run(uri, "beauty", "diffurec", 1, 0.03, tags={"ablation": "positional_embedding"}, positional_embedding=True)
+    # one default-config run is the shared baseline point of two ablations
+    fake_run(uri, "beauty", "diffurec", 1, 0.035, tags={"ablation": "noise_schedule, positional_embedding"})
     failed = MLflowRun(uri, experiment="results", tags={"dataset": "beauty"})
     failed.finish("FAILED")
 
@@ -38,7 +41,7 @@ def test_report_from_a_tiny_store(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["ablations"] == {"noise_schedule": 2, "reverse_steps": 3}
+    assert summary["ablations"] == {"noise_schedule": 3, "positional_embedding": 2, "reverse_steps": 3}
 
     results = json.loads((out / "results.json").read_text())
     d = results["beauty"]["diffurec"]
@@ -49,6 +52,8 @@ def test_report_from_a_tiny_store(tmp_path):
     assert d["config"]["hidden_size"] == 128 and Config.from_dict(d["config"]).model == "diffurec"
     assert results["beauty"]["sasrec"]["runs"] == [sas]
     assert [p["value"] for p in results["_ablations"]["reverse_steps"]] == [1, 4, 32]
+    assert [p["value"] for p in results["_ablations"]["noise_schedule"]] == ["cosine", "linear", "trunc_lin"]
+    assert [p["value"] for p in results["_ablations"]["positional_embedding"]] == [False, True]
 
     md = (out / "results.md").read_text()
     assert "5.00 ± 1.00" in md and "7.91" in md and ids[0][:8] in md

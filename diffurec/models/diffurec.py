@@ -53,9 +53,18 @@ class SequenceEncoderBase(nn.Module):
             valid = None
         return x, attention_mask(valid, self.causal, L, history.device)
 
-    def score(self, rep: torch.Tensor) -> torch.Tensor:
-        """Rounding: inner product with every real item; column j is item j + 1."""
-        return rep @ self.item_embeddings.weight[1:].t()
+    def score(self, rep: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        """Rounding: inner product with every real item; column j is item j + 1.
+
+        ``items`` is ``item_matrix`` computed once by the caller: an evaluation pass passes it so
+        that bf16 autocast does not cast the [items, hidden] matrix again for every batch.
+        """
+        return rep @ (self.item_matrix() if items is None else items).t()
+
+    def item_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The real items' embeddings [num_items, H] (row 0, the padding id, left out)."""
+        items = self.item_embeddings.weight[1:]
+        return items if dtype is None else items.to(dtype)
 
     def cross_entropy(self, rep: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # log-softmax in float32 even under bf16 autocast; its dtype argument upcasts inside the
