@@ -288,6 +288,14 @@ def write_report(tracking_uri: str, out_dir: str | Path, experiments: list[str] 
                          for k in ("valid/NDCG@10", "valid/HR@10", "test/NDCG@10", "test/HR@10")]
                 lines.append(f"| {p['dataset']} | {p['model']} | {p['label']} | " + " | ".join(cells)
                              + f" | {link(p['run_id'])} |")
+            spreads = []
+            for metric in ("valid/NDCG@10", "test/NDCG@10"):
+                values = [100 * p[metric] for p in points if metric in p]
+                if len(values) > 1:
+                    spreads.append(f"{metric} {max(values) - min(values):.2f}")
+            if spreads:
+                lines += ["", f"Spread across the {len(points)} points (max - min, percentage points): "
+                          f"{'; '.join(spreads)}."]
             budgets = sorted({p["budget"] for p in points if "budget" in p})
             if budgets:
                 lines += ["", f"Training budget of these runs (not early-stopped; compare them with each "

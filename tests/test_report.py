@@ -57,6 +57,7 @@ def test_report_from_a_tiny_store(tmp_path):
 
     md = (out / "results.md").read_text()
     assert "5.00 ± 1.00" in md and "7.91" in md and ids[0][:8] in md
+    assert "Spread across the 3 points (max - min, percentage points): valid/NDCG@10 3.00" in md
     assert (out / "ablation_reverse_steps.png").stat().st_size > 1000
     assert (out / "ablation_noise_schedule.png").is_file()
 
