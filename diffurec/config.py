@@ -50,6 +50,10 @@ class Config:
     # std of the initial item embeddings: 0 = hidden_size ** -0.5 (unit-norm rows); 1.0 is
     # torch's nn.Embedding default
     embedding_init_std: float = 0.0
+    # std of the initial position embeddings: 1.0 is torch's nn.Embedding default (an 11x larger
+    # scale than the default items', so position swamps the item signal early on; the
+    # SASRec runs used it); 0 = the item embeddings' std
+    position_init_std: float = 1.0
     # the reference attends to padded positions; kept only for the ablation
     attend_to_padding: bool = False
     # diffusion
@@ -144,6 +148,7 @@ class Config:
 
         need(self.model in MODELS, "model", f"one of {', '.join(MODELS)}")
         need(self.embedding_init_std >= 0, "embedding_init_std", "must be >= 0 (0: hidden_size ** -0.5)")
+        need(self.position_init_std >= 0, "position_init_std", "must be >= 0 (0: the item embeddings' std)")
         need(self.noise_schedule in NOISE_SCHEDULES, "noise_schedule", f"one of {', '.join(NOISE_SCHEDULES)}")
         need(self.timestep_sampler in TIMESTEP_SAMPLERS, "timestep_sampler", f"one of {', '.join(TIMESTEP_SAMPLERS)}")
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {', '.join(LR_SCHEDULES)}")

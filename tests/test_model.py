@@ -137,3 +137,13 @@ def test_resume_continues_from_latest(data, tmp_path):
     resumed = fit(cfg, data, tmp_path / "part", resume_from=latest, progress=False)
     assert resumed["epochs"] == 3
     assert resumed["best_valid"]["NDCG@10"] == pytest.approx(full["best_valid"]["NDCG@10"], abs=1e-6)
+
+
+def test_position_init_std(data):
+    default = build_model(tiny("positional_embedding=true"), data.num_items).position_embeddings.weight
+    items_scale = build_model(tiny("positional_embedding=true", "position_init_std=0"), data.num_items)
+    assert abs(default.std().item() - 1.0) < 0.05  # torch's nn.Embedding draw, as older runs had
+    assert abs(items_scale.position_embeddings.weight.std().item() - 32**-0.5) < 0.02
+    from diffurec.errors import DiffuRecError
+    with pytest.raises(DiffuRecError, match="position_init_std"):
+        tiny("position_init_std=-1")

@@ -28,12 +28,17 @@ class SequenceEncoderBase(nn.Module):
         self.max_len = cfg.max_len
         self.attend_to_padding = cfg.attend_to_padding
         self.item_embeddings = nn.Embedding(num_items + 1, cfg.hidden_size, padding_idx=0)
-        nn.init.normal_(self.item_embeddings.weight, std=cfg.embedding_init_std or cfg.hidden_size**-0.5)
+        item_std = cfg.embedding_init_std or cfg.hidden_size**-0.5
+        nn.init.normal_(self.item_embeddings.weight, std=item_std)
         with torch.no_grad():
             self.item_embeddings.weight[0].zero_()
         self.position_embeddings = (
             nn.Embedding(cfg.max_len, cfg.hidden_size) if cfg.positional_embedding else None
         )
+        if self.position_embeddings is not None and cfg.position_init_std != 1.0:
+            # 1.0 keeps nn.Embedding's own draw, so runs made before this key existed replay
+            # bit for bit from their seed
+            nn.init.normal_(self.position_embeddings.weight, std=cfg.position_init_std or item_std)
         self.emb_dropout = Dropout(cfg.emb_dropout)
         self.emb_norm = nn.LayerNorm(cfg.hidden_size)
 
