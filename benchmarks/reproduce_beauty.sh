@@ -49,7 +49,13 @@ run "beauty-abl5-lambda-fixed" "${B[@]}" --set lambda_std=0 --tag ablation=lambd
 for sched in linear cosine sqrt trunc_cos pw_lin; do
   run "beauty-abl5-schedule-$sched" "${B[@]}" --set noise_schedule="$sched" --tag ablation=noise_schedule
 done
-run "beauty-abl5-positional" "${B[@]}" --set positional_embedding=true --tag ablation=positional_embedding
+run "beauty-abl5-positional" "${B[@]}" --set positional_embedding=true --tag ablation=positional_embedding \
+    --tag "ablation_label=True (torch default init, std 1)"
+run "beauty-abl5-positional-itemscale" "${B[@]}" --set positional_embedding=true --set position_init_std=0 \
+    --tag ablation=positional_embedding --tag "ablation_label=True (init at the items' scale)"
 run "beauty-abl5-attend-padding" "${B[@]}" --set attend_to_padding=true --tag ablation=attend_to_padding
+
+# tuning attempt: the reference's fp32 numerics (a main-table row of its own, one seed)
+run "beauty-diffurec-fp32-s$first" --set seed="$first" --set reverse_steps=4 --set precision=fp32
 
 python pipelines/report.py --experiment beauty
