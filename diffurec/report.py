@@ -176,6 +176,15 @@ def ablations(runs: list[dict]) -> dict[str, list[dict]]:
     return dict(sorted(out.items()))
 
 
+def _config_diff(row: dict, head: dict | None) -> str:
+    """'headline' for the row ``results.json`` keeps; else the keys where its config differs."""
+    if head is None or row is head:
+        return "headline"
+    diff = [f"{k}={v}" for k, v in sorted(row["config"].items())
+            if k not in NON_MODEL_KEYS and head["config"].get(k) != v]
+    return ", ".join(diff) or "headline"
+
+
 def _sort_key(value):
     return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
 
@@ -244,19 +253,21 @@ def write_report(tracking_uri: str, out_dir: str | Path, experiments: list[str] 
              "Full ranking over all items, leave-one-out, test split, in %. Mean ± std over the runs (seeds)",
              "of one config; `n` runs. Paper figures alongside.", ""]
     lines += ["## Main results", "",
-              "| dataset | model | n | " + " | ".join(TABLE_METRICS) + " | valid NDCG@10 (last epoch) | train s to best | runs |",
-              "|---|---|---|" + "---|" * len(TABLE_METRICS) + "---|---|---|"]
+              "| dataset | model | config | n | " + " | ".join(TABLE_METRICS)
+              + " | valid NDCG@10 (last epoch) | train s to best | runs |",
+              "|---|---|---|---|" + "---|" * len(TABLE_METRICS) + "---|---|---|"]
     for row in rows:
         cells = [_fmt(row.get(m)) for m in TABLE_METRICS]
         secs = row.get("seconds_to_best")
         secs = f"{secs['mean']:.0f}" if secs else "-"
-        lines.append(f"| {row['dataset']} | {row['model']} | {len(row['runs'])} | " + " | ".join(cells)
-                     + f" | {_fmt(row.get('valid/NDCG@10'))} | {secs} | "
+        head = heads.get(row["dataset"], {}).get(row["model"])
+        lines.append(f"| {row['dataset']} | {row['model']} | {_config_diff(row, head)} | {len(row['runs'])} | "
+                     + " | ".join(cells) + f" | {_fmt(row.get('valid/NDCG@10'))} | {secs} | "
                      + ", ".join(link(r) for r in row["runs"]) + " |")
     for (dataset, model), fig in sorted(PAPER.items()):
         cells = [f"{fig[m]:.2f}" if m in fig else "-" for m in TABLE_METRICS]
         label = "paper" if model == "diffurec" else "public re-run"
-        lines.append(f"| {dataset} | {model} ({label}) | - | " + " | ".join(cells) + " | - | - | - |")
+        lines.append(f"| {dataset} | {model} ({label}) | - | - | " + " | ".join(cells) + " | - | - | - |")
     lines.append("")
     cut = [row for row in rows if row["budget"]]
     if cut:

@@ -26,6 +26,7 @@ def test_report_from_a_tiny_store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ids = [fake_run(uri, "beauty", "diffurec", s, v) for s, v in ((1, 0.04), (2, 0.05), (3, 0.06))]
     sas = fake_run(uri, "beauty", "sasrec", 1, 0.03)
+    fake_run(uri, "beauty", "diffurec", 1, 0.02, lr=0.01)  # a second config: its own row, not the headline
     for S, v in ((1, 0.02), (4, 0.045), (32, 0.05)):
         fake_run(uri, "beauty", "diffurec", 1, v, tags={"ablation": "reverse_steps"}, reverse_steps=S)
     for sched in ("linear", "cosine"):
@@ -57,6 +58,7 @@ def test_report_from_a_tiny_store(tmp_path):
 
     md = (out / "results.md").read_text()
     assert "5.00 ± 1.00" in md and "7.91" in md and ids[0][:8] in md
+    assert "| beauty | diffurec | headline | 3 |" in md and "| beauty | diffurec | lr=0.01 | 1 |" in md
     assert "Spread across the 3 points (max - min, percentage points): valid/NDCG@10 3.00" in md
     assert (out / "ablation_reverse_steps.png").stat().st_size > 1000
     assert (out / "ablation_noise_schedule.png").is_file()
