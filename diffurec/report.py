@@ -162,9 +162,12 @@ def ablations(runs: list[dict]) -> dict[str, list[dict]]:
             value = (r["tags"].get("ablation_value") if single else None) or r["params"].get(key)
             if value is None and key in config:
                 value = str(config[key])
+            labelled = single and "ablation_label" in r["tags"]
             point = {"run_id": r["run_id"], "dataset": r["dataset"], "model": r["model"],
                      "value": _parse(value) if value is not None else None,
-                     "label": r["tags"].get("ablation_label", str(value)) if single else str(value)}
+                     "label": r["tags"]["ablation_label"] if labelled else str(value)}
+            if labelled:
+                point["labelled"] = True  # a variant at this value (e.g. a fixed lambda), not the sweep
             if "budget" in r["tags"]:
                 point["budget"] = r["tags"]["budget"]
             for k in ("valid/NDCG@10", "test/NDCG@10", "valid/HR@10", "test/HR@10", "seconds_to_best"):
@@ -209,13 +212,25 @@ def plot_ablation(name: str, points: list[dict], path: Path) -> None:
         for metric, marker in (("valid/NDCG@10", "o"), ("test/NDCG@10", "s")):
             ys = [100 * p.get(metric, float("nan")) for p in pts]
             if numeric:
-                xs = [p["value"] for p in pts]
-                ax.plot(xs, ys, marker=marker, label=f"{dataset} {metric}")
+                # the sweep is a line; labelled variants (e.g. "0.001 fixed") are lone annotated marks
+                sweep = [(p["value"], y) for p, y in zip(pts, ys) if not p.get("labelled")]
+                line, = ax.plot([x for x, _ in sweep], [y for _, y in sweep], marker=marker,
+                                label=f"{dataset} {metric}")
+                for p, y in zip(pts, ys):
+                    if p.get("labelled"):
+                        ax.plot([p["value"]], [y], marker=marker, color=line.get_color(), fillstyle="none",
+                                markersize=9, linestyle="none")
+                        ax.annotate(p["label"], (p["value"], y), textcoords="offset points", xytext=(6, -10),
+                                    fontsize=7)
             else:
                 ax.plot(range(len(pts)), ys, marker=marker, linestyle="none", label=f"{dataset} {metric}")
                 ax.set_xticks(range(len(pts)), labels, rotation=20)
-    if numeric and name in ("reverse_steps", "lambda_mean") and all(p["value"] > 0 for p in points):
-        ax.set_xscale("log", base=2 if name == "reverse_steps" else 10)
+    positive = sorted(p["value"] for p in points if numeric and p["value"] > 0)
+    if positive and positive[-1] / positive[0] >= 100 or name == "reverse_steps" and positive:
+        if all(p["value"] > 0 for p in points):
+            ax.set_xscale("log", base=2 if name == "reverse_steps" else 10)
+        else:  # values spanning decades plus a 0: linear around 0, log beyond the smallest step
+            ax.set_xscale("symlog", linthresh=positive[0])
     ax.set_xlabel(name)
     ax.set_ylabel("NDCG@10 (%)")
     ax.set_title(f"ablation: {name}")

@@ -34,6 +34,10 @@ def test_report_from_a_tiny_store(tmp_path):
     fake_run(uri, "beauty", "diffurec", 1, 0.03, tags={"ablation": "positional_embedding"}, positional_embedding=True)
     # one default-config run is the shared baseline point of two ablations
     fake_run(uri, "beauty", "diffurec", 1, 0.035, tags={"ablation": "noise_schedule, positional_embedding"})
+    for lam in (0.0, 0.001, 0.1):  # a sweep through 0 spanning decades, plus a labelled variant
+        fake_run(uri, "beauty", "diffurec", 1, 0.03, tags={"ablation": "lambda_mean"}, lambda_mean=lam)
+    fake_run(uri, "beauty", "diffurec", 1, 0.028, tags={"ablation": "lambda_mean", "ablation_value": "0.001",
+                                                      "ablation_label": "0.001 fixed"}, lambda_std=0.0)
     failed = MLflowRun(uri, experiment="results", tags={"dataset": "beauty"})
     failed.finish("FAILED")
 
@@ -42,7 +46,8 @@ def test_report_from_a_tiny_store(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["ablations"] == {"noise_schedule": 3, "positional_embedding": 2, "reverse_steps": 3}
+    assert summary["ablations"] == {"lambda_mean": 4, "noise_schedule": 3, "positional_embedding": 2,
+                                    "reverse_steps": 3}
 
     results = json.loads((out / "results.json").read_text())
     d = results["beauty"]["diffurec"]
@@ -55,6 +60,10 @@ def test_report_from_a_tiny_store(tmp_path):
     assert [p["value"] for p in results["_ablations"]["reverse_steps"]] == [1, 4, 32]
     assert [p["value"] for p in results["_ablations"]["noise_schedule"]] == ["cosine", "linear", "trunc_lin"]
     assert [p["value"] for p in results["_ablations"]["positional_embedding"]] == [False, True]
+    lam = results["_ablations"]["lambda_mean"]
+    assert [(p["value"], p["label"], p.get("labelled", False)) for p in lam] == [
+        (0.0, "0.0", False), (0.001, "0.001", False), (0.001, "0.001 fixed", True), (0.1, "0.1", False)]
+    assert (out / "ablation_lambda_mean.png").stat().st_size > 1000
 
     md = (out / "results.md").read_text()
     assert "5.00 ± 1.00" in md and "7.91" in md and ids[0][:8] in md
