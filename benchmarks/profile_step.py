@@ -18,7 +18,6 @@ Runs ``--batches`` real training batches of epoch 1 (the same ones ``throughput.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -31,11 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from throughput import load_data  # noqa: E402
+from throughput import load_data, warmed_up_training  # noqa: E402
 
 from diffurec.config import Config  # noqa: E402
-from diffurec.models import build_model  # noqa: E402
-from diffurec.training import make_optimizer, train_epoch, training_batches  # noqa: E402
+from diffurec.training import train_epoch  # noqa: E402
 
 GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 COPY = {"aten::copy_"}
@@ -52,17 +50,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data, source = load_data(args.data)
     cfg = Config().with_sets(args.set or [])
-    torch.manual_seed(0)
-    model = build_model(cfg, data.num_items)
-    optimizer = make_optimizer(model, cfg)
-    stream, _ = training_batches(data, cfg, epoch=1)
-    stream = list(itertools.islice(stream, 3 + args.batches))
     device = torch.device("cpu")
-    train_epoch(model, stream[:3], optimizer, device, precision=cfg.precision)  # warm-up
+    model, optimizer, timed = warmed_up_training(cfg, data, device, args.batches)
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         began = time.perf_counter()
-        stats = train_epoch(model, stream[3:], optimizer, device, precision=cfg.precision)
+        stats = train_epoch(model, timed, optimizer, device, precision=cfg.precision)
         wall = time.perf_counter() - began
     events = prof.key_averages()
     by_kind = {"gemm": 0.0, "copy": 0.0, "other": 0.0}

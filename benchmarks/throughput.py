@@ -47,16 +47,23 @@ def load_data(path: str | None):
     return sequence_data_from_tables(res.sequences, int(res.items.num_rows), res.stats), "synthetic"
 
 
-def time_training(cfg: Config, data, device, batches: int, warmup: int = 3) -> float:
+def warmed_up_training(cfg: Config, data, device, batches: int, warmup: int = 3):
+    """A seeded model and optimizer after ``warmup`` steps, and the next ``batches`` real
+    batches of epoch 1 to time (what this script and ``profile_step.py`` measure)."""
     torch.manual_seed(0)
     model = build_model(cfg, data.num_items).to(device)
     optimizer = make_optimizer(model, cfg)
     stream, _ = training_batches(data, cfg, epoch=1)
     stream = list(itertools.islice(stream, warmup + batches))
     train_epoch(model, stream[:warmup], optimizer, device, precision=cfg.precision)
+    return model, optimizer, stream[warmup:]
+
+
+def time_training(cfg: Config, data, device, batches: int, warmup: int = 3) -> float:
+    model, optimizer, timed = warmed_up_training(cfg, data, device, batches, warmup)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    stats = train_epoch(model, stream[warmup:], optimizer, device, precision=cfg.precision)
+    stats = train_epoch(model, timed, optimizer, device, precision=cfg.precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return stats["samples_per_s"]

@@ -75,10 +75,7 @@ def load_runs(tracking_uri: str, experiments: list[str] | None = None) -> list[d
 def _config_key(params: dict[str, str]) -> tuple:
     """The training config a run's params describe, defaults filled in, so a run logged before
     a config key existed groups with later runs that leave that key at its default."""
-    try:
-        full = _typed(params)
-    except (DiffuRecError, TypeError, ValueError):  # not a Config (foreign runs): as logged
-        full = params
+    full = _typed_or_none(params) or params  # not a Config (foreign runs): as logged
     return tuple(sorted((k, str(v)) for k, v in full.items() if k not in NON_MODEL_KEYS))
 
 
@@ -95,6 +92,13 @@ def _typed(params: dict[str, str]) -> dict[str, Any]:
     known = set(Config.keys())
     cfg = Config.from_dict({k: _parse(v) for k, v in params.items() if k in known}, source="mlflow params")
     return cfg.to_dict()
+
+
+def _typed_or_none(params: dict[str, str]) -> dict[str, Any] | None:
+    try:
+        return _typed(params)
+    except (DiffuRecError, TypeError, ValueError):
+        return None
 
 
 def _parse(value: str) -> Any:
@@ -151,10 +155,7 @@ def ablations(runs: list[dict]) -> dict[str, list[dict]]:
         keys = [k.strip() for k in r["tags"].get("ablation", "").split(",") if k.strip()]
         if not keys or r["status"] != "FINISHED":
             continue
-        try:
-            config = _typed(r["params"])  # defaults filled: a baseline run may predate a key
-        except (DiffuRecError, TypeError, ValueError):
-            config = {}
+        config = _typed_or_none(r["params"]) or {}  # defaults filled: a baseline may predate a key
         for key in keys:
             # a run tagged with several keys (``ablation=noise_schedule,positional_embedding``) is
             # the shared baseline point of each; its value is its own param for every key
@@ -226,7 +227,7 @@ def plot_ablation(name: str, points: list[dict], path: Path) -> None:
                 ax.plot(range(len(pts)), ys, marker=marker, linestyle="none", label=f"{dataset} {metric}")
                 ax.set_xticks(range(len(pts)), labels, rotation=20)
     positive = sorted(p["value"] for p in points if numeric and p["value"] > 0)
-    if positive and positive[-1] / positive[0] >= 100 or name == "reverse_steps" and positive:
+    if positive and (positive[-1] / positive[0] >= 100 or name == "reverse_steps"):
         if all(p["value"] > 0 for p in points):
             ax.set_xscale("log", base=2 if name == "reverse_steps" else 10)
         else:  # values spanning decades plus a 0: linear around 0, log beyond the smallest step

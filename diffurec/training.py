@@ -77,7 +77,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 
 def autocast(device: torch.device, precision: str = "auto"):
     dtype = autocast_dtype(device, precision)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype is not None)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def progress_bar(total: int | None, desc: str, enabled: bool):

@@ -14,6 +14,8 @@ a multiple of 2**-16. Off the CPU this is plain ``F.dropout``.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -38,27 +40,33 @@ def _draws(n: int) -> np.ndarray:
     return np.random.SFC64(seed).random_raw((n + 3) // 4).view(np.int16)[:n]
 
 
-def _threshold(p: float) -> int:
-    return int(round(p * 65536)) - 32768
+def _keep(n: int, p: float) -> np.ndarray:
+    """n bools, each True with probability 1 - p (p rounded to a multiple of 2**-16)."""
+    return _draws(n) >= int(round(p * 65536)) - 32768
 
 
 def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
     """Bool CPU tensor of ``shape``, each entry True with probability 1 - p."""
-    return torch.from_numpy(_draws(int(np.prod(shape))) >= _threshold(p)).view(shape)
+    return torch.from_numpy(_keep(int(np.prod(shape)), p)).view(shape)
 
 
 _SIGNED = {2: (np.int16, torch.int16), 4: (np.int32, torch.int32), 8: (np.int64, torch.int64)}
 
 
+@functools.lru_cache(maxsize=None)
+def _scale_bits(p: float, dtype: torch.dtype):
+    """The bit pattern of 1 / (1 - p) rounded to ``dtype``, as a numpy signed int of its width."""
+    np_int, torch_int = _SIGNED[dtype.itemsize]
+    return np_int(torch.tensor(1.0 / (1.0 - p), dtype=dtype).view(torch_int).item())
+
+
 def scaled_keep_mask(shape: torch.Size, p: float, dtype: torch.dtype) -> torch.Tensor:
     """The dropout multiplier: 1 / (1 - p) where kept (the same entries as ``keep_mask`` under
     the same seed), 0 where dropped, as a CPU tensor of floating ``dtype``."""
-    np_int, torch_int = _SIGNED[dtype.itemsize]
-    scale_bits = torch.tensor(1.0 / (1.0 - p), dtype=dtype).view(torch_int).item()
-    keep = (_draws(int(np.prod(shape))) >= _threshold(p)).view(np.uint8)
+    bits = _scale_bits(p, dtype)
+    keep = _keep(int(np.prod(shape)), p).view(np.uint8)
     # 0/1 times the scale's bit pattern is the bit pattern of 0/scale
-    bits = np.multiply(keep, np_int(scale_bits), dtype=np_int)
-    return torch.from_numpy(bits).view(dtype).view(shape)
+    return torch.from_numpy(np.multiply(keep, bits, dtype=bits.dtype)).view(dtype).view(shape)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
