@@ -1,8 +1,9 @@
-"""Dropout whose CPU mask comes from numpy's PCG64 instead of torch's per-element Bernoulli.
+"""Dropout whose CPU mask comes from numpy's SFC64 instead of torch's per-element Bernoulli.
 
 On CPU, ``torch.bernoulli_`` was 15% of a DiffuRec training step (about 4 ms per [512, 9, 128]
 activation on 2 threads). Here 16-bit draws from numpy's SFC64 (1.6x faster than its PCG64,
-and both pass PractRand) and one compare make the same mask about 5x faster. The mask is then
+and both pass PractRand) and one compare make the mask: 2.0 ms for 3.3M entries on 2 threads,
+against 20.1 ms for ``torch.bernoulli_`` (microbenchmark). The mask is then
 written as the multiplier itself, 0 or 1 / (1 - p) in the activation's dtype, by multiplying
 the 0/1 bytes by the bit pattern of the scale: torch's bool-to-float conversion and ``where`` on a
 bool mask were each about 8x slower than the one same-dtype multiply left, and they ran on every
