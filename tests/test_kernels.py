@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from diffurec.models.approximator import attend, attention_mask
 from diffurec.models.dropout import Dropout, dropout, keep_mask, scaled_keep_mask
+from diffurec.models.losses import full_cross_entropy
 
 
 @pytest.mark.parametrize("length", [1, 5, 20, 33])
@@ -67,3 +68,46 @@ def test_scaled_mask_matches_keep_mask_in_every_dtype():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert torch.equal(x.grad != 0, y != 0)  # gradient flows exactly where the input was kept
+
+
+def _ce_inputs(dtype):
+    g = torch.Generator().manual_seed(3)
+    rep = (torch.randn(64, 16, generator=g) * 2).to(dtype).requires_grad_()
+    items = torch.randn(300, 16, generator=g).to(dtype).requires_grad_()
+    target = torch.randint(0, 300, (64,), generator=g)
+    weights = torch.rand(64, generator=g)  # per-example upstream gradients, as a sampler gives
+    return rep, items, target, weights
+
+
+def test_full_cross_entropy_matches_autograd_float32():
+    rep, items, target, weights = _ce_inputs(torch.float32)
+    got = full_cross_entropy(rep, items, target)
+    (got * weights).mean().backward()
+    got_grads = rep.grad.clone(), items.grad.clone()
+    rep.grad = items.grad = None
+    want = F.cross_entropy(rep @ items.t(), target, reduction="none")
+    (want * weights).mean().backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grads, (rep.grad, items.grad), atol=1e-6, rtol=1e-5)
+
+
+def test_full_cross_entropy_bf16_matches_float32_log_softmax_path():
+    # the path it replaced: bf16 scores, log-softmax upcast to float32, nll_loss
+    rep, items, target, weights = _ce_inputs(torch.bfloat16)
+    got = full_cross_entropy(rep, items, target)
+    assert got.dtype == torch.float32
+    (got * weights).mean().backward()
+    got_grads = rep.grad.clone(), items.grad.clone()
+    rep.grad = items.grad = None
+    want = F.nll_loss(F.log_softmax(rep @ items.t(), -1, dtype=torch.float32), target, reduction="none")
+    (want * weights).mean().backward()
+    # losses from the bf16-stored softmax: p within 2^-9 relative, so -log p within ~0.004
+    torch.testing.assert_close(got, want, atol=5e-3, rtol=0)
+    for a, b in zip(got_grads, (rep.grad, items.grad)):
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-3, rtol=2e-2)
+
+
+def test_full_cross_entropy_rejects_mixed_dtypes():
+    rep, items, target, _ = _ce_inputs(torch.float32)
+    with pytest.raises(TypeError, match="bfloat16"):
+        full_cross_entropy(rep, items.detach().bfloat16(), target)

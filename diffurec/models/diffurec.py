@@ -8,13 +8,13 @@ Inference: start from N(0, I), run S strided reverse steps, and score x0-hat . E
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from diffurec.config import Config
 from diffurec.models.approximator import Approximator, attention_mask
 from diffurec.models.diffusion import GaussianDiffusion, make_timestep_sampler
 from diffurec.models.dropout import Dropout
+from diffurec.models.losses import full_cross_entropy
 
 
 class SequenceEncoderBase(nn.Module):
@@ -72,10 +72,10 @@ class SequenceEncoderBase(nn.Module):
         return items if dtype is None else items.to(dtype)
 
     def cross_entropy(self, rep: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # log-softmax in float32 even under bf16 autocast; its dtype argument upcasts inside the
-        # kernel instead of materialising a float32 copy of the [B, items] scores (and its grad)
-        log_probs = F.log_softmax(self.score(rep), dim=-1, dtype=torch.float32)
-        return F.nll_loss(log_probs, target - 1, reduction="none")
+        """Per-example cross-entropy over every real item (``target`` holds item ids)."""
+        device = rep.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rep.dtype
+        return full_cross_entropy(rep.to(dtype), self.item_matrix(dtype), target - 1)
 
 
 class DiffuRec(SequenceEncoderBase):
