@@ -2,12 +2,18 @@
 
     python benchmarks/throughput.py [--data DIR_OR_LOG] [--device cpu|cuda] [--threads 2]
                                     [--batches 30] [--model diffurec|sasrec] [--eval-users 2048]
-                                    [--reference-baseline]
+                                    [--train-workers N] [--reference-baseline]
 
 Prints one JSON object: {"train_samples_per_s": .., "eval_users_per_s": {"32": .., "8": .., "4": .., "1": ..}}.
 ``--reference-baseline`` also times, in the same run, the reference's padding behaviour
 (every batch padded to max_len, attention over padding) so speed-ups are read as ratios
 measured on the same machine at the same moment.
+
+``--train-workers N`` (CPU) also times data-parallel training: N local processes with
+``--threads / N`` threads each, the model wrapped in DDP over gloo, each taking every N-th example
+at ``batch_size / N`` per step, which is what ``pipelines/train.py --num-workers N`` runs inside Ray
+Train (without Ray's start-up). It adds ``train_samples_per_s_workers``: all the workers' samples
+over the slowest worker's wall time, gradient all-reduce included.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -29,7 +37,13 @@ from diffurec.config import Config  # noqa: E402
 from diffurec.data.batches import iterate_batches  # noqa: E402
 from diffurec.data.sequences import eval_examples, load_sequences  # noqa: E402
 from diffurec.models import build_model  # noqa: E402
-from diffurec.training import autocast, make_optimizer, train_epoch, training_batches  # noqa: E402
+from diffurec.training import (  # noqa: E402
+    DDP_OPTIONS,
+    autocast,
+    make_optimizer,
+    train_epoch,
+    training_batches,
+)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "beauty" / "interactions.parquet"
 
@@ -67,6 +81,49 @@ def time_training(cfg: Config, data, device, batches: int, warmup: int = 3) -> f
     if device.type == "cuda":
         torch.cuda.synchronize()
     return stats["samples_per_s"]
+
+
+def _ddp_training_worker(rank: int, world: int, cfg: Config, data, batches: int, threads: int,
+                         port: int, out_dir: str, warmup: int = 3) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(build_model(cfg, data.num_items), **DDP_OPTIONS)
+        optimizer = make_optimizer(model, cfg)
+        stream, _ = training_batches(data, cfg, epoch=1, shard=(rank, world), batch_size=cfg.batch_size // world)
+        stream = list(itertools.islice(stream, warmup + batches))
+        train_epoch(model, stream[:warmup], optimizer, torch.device("cpu"), precision=cfg.precision)
+        dist.barrier()
+        began = time.perf_counter()
+        stats = train_epoch(model, stream[warmup:], optimizer, torch.device("cpu"), precision=cfg.precision)
+        dist.barrier()
+        wall = time.perf_counter() - began
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"samples": stats["samples"], "wall": wall}))
+    finally:
+        dist.destroy_process_group()
+
+
+def time_training_workers(cfg: Config, data, batches: int, workers: int, threads: int) -> float:
+    """Samples/s of ``workers`` DDP processes on this machine (gloo), ``threads`` in all."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    if cfg.batch_size % workers:
+        raise SystemExit(f"--train-workers {workers} must divide batch_size {cfg.batch_size}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_ddp_training_worker, nprocs=workers, join=True,
+                 args=(workers, cfg, data, batches, max(1, threads // workers), port, out_dir))
+        ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(workers)]
+    return sum(r["samples"] for r in ranks) / max(r["wall"] for r in ranks)
 
 
 @torch.no_grad()
@@ -119,6 +176,8 @@ def main() -> None:
     parser.add_argument("--model", choices=("diffurec", "sasrec"), default="diffurec")
     parser.add_argument("--eval-users", type=int, default=2048)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE")
+    parser.add_argument("--train-workers", type=int, default=0,
+                        help="also time DDP training over this many local CPU processes")
     parser.add_argument("--reference-baseline", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -128,6 +187,12 @@ def main() -> None:
     cfg = Config().with_sets([f"model={args.model}"] + (args.set or []))
     result = {"data": source, "device": str(device), "threads": torch.get_num_threads(), "model": args.model,
               **measure(cfg, data, device, args)}
+    if args.train_workers:
+        if device.type != "cpu":
+            raise SystemExit("--train-workers times CPU processes; use pipelines/train.py --num-workers on GPUs")
+        result["train_workers"] = args.train_workers
+        result["train_samples_per_s_workers"] = round(time_training_workers(
+            cfg, data, args.batches, args.train_workers, args.threads or torch.get_num_threads()), 1)
     if args.reference_baseline:
         ref = measure(cfg.with_overrides({"attend_to_padding": True}), data, device, args)
         result["reference_padding"] = ref

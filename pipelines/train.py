@@ -209,6 +209,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from diffurec.models import build_model
     from diffurec.tracking import MLflowRun, config_params
     from diffurec.training import (
+        DDP_OPTIONS,
         evaluate_sums,
         fit,
         load_checkpoint,
@@ -253,7 +254,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- model (DDP via prepare_model; every parameter is used in forward, so no
     # find_unused_parameters) --------------------------------------------------------------------
     seed_everything(cfg.seed)
-    model = ray.train.torch.prepare_model(build_model(cfg, data.num_items))
+    model = ray.train.torch.prepare_model(build_model(cfg, data.num_items), parallel_strategy_kwargs=DDP_OPTIONS)
 
     tracker = None
     if rank == 0:
