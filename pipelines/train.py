@@ -210,6 +210,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from diffurec.tracking import MLflowRun, config_params
     from diffurec.training import (
         DDP_OPTIONS,
+        bucketing_rng,
         evaluate_sums,
         fit,
         load_checkpoint,
@@ -276,7 +277,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.manual_seed(int(np.random.default_rng([cfg.seed, epoch, rank]).integers(2**62)))
 
         def generate():
-            rng = np.random.default_rng([cfg.seed, epoch, rank, 1])
+            rng = bucketing_rng(cfg.seed, epoch)  # the same on every rank: aligned step lengths
             windows = ((b["start"], b["end"]) for b in shard.iter_batches(
                 batch_size=per_worker * BUCKET_WINDOW, batch_format="numpy", prefetch_batches=1))
             produced = 0

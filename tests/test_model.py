@@ -3,13 +3,13 @@ import pytest
 import torch
 
 from diffurec.config import Config
-from diffurec.data.batches import iterate_batches, pad_histories
+from diffurec.data.batches import BUCKET_WINDOW, iterate_batches, iterate_window_batches, pad_histories
 from diffurec.data.sequences import eval_examples, sequence_data_from_tables, train_examples
 from diffurec.data.split import split_log
 from diffurec.data.synthetic import generate_synthetic_log
 from diffurec.metrics import RankingMetrics, target_ranks
 from diffurec.models import build_model
-from diffurec.training import fit, load_checkpoint
+from diffurec.training import bucketing_rng, fit, load_checkpoint
 from diffurec.training import test_best as evaluate_best
 
 TINY = ["hidden_size=32", "num_blocks=2", "num_heads=2", "max_len=20", "diffusion_steps=8", "reverse_steps=8",
@@ -147,3 +147,27 @@ def test_position_init_std(data):
     from diffurec.errors import DiffuRecError
     with pytest.raises(DiffuRecError, match="position_init_std"):
         tiny("position_init_std=-1")
+
+
+def test_workers_bucketing_with_the_shared_rng_finish_each_step_together():
+    """DDP workers bucket different shards; with ``bucketing_rng`` (no rank in it) step k of every
+    worker holds the same length quantile of its window, so no worker waits at the all-reduce
+    for a much longer batch. Per-rank streams (what the Ray worker used to draw) do not."""
+    g = np.random.default_rng(0)
+    lengths = np.minimum(1 + g.geometric(0.12, size=2 * 16 * BUCKET_WINDOW * 3), 50)  # long tail
+    ends = np.cumsum(lengths)
+    items = np.arange(1, ends[-1] + 2)
+    shards = [(ends[r::2] - lengths[r::2], ends[r::2]) for r in range(2)]
+
+    def step_lengths(rngs):
+        return np.array([[b["history"].shape[1] for b in iterate_window_batches(
+            items, [(start[i:i + 16 * BUCKET_WINDOW], end[i:i + 16 * BUCKET_WINDOW])
+                    for i in range(0, len(end), 16 * BUCKET_WINDOW)], 16, rng=rng)]
+            for (start, end), rng in zip(shards, rngs)])
+
+    shared = step_lengths([bucketing_rng(42, 3), bucketing_rng(42, 3)])
+    per_rank = step_lengths([np.random.default_rng([42, 3, r, 1]) for r in range(2)])
+    # time of a step ~ its longest batch: the slowest worker's sum over the mean worker's
+    waste = lambda L: L.max(0).sum() / L.mean(0).sum() - 1  # noqa: E731
+    assert shared.shape == per_rank.shape == (2, 3 * BUCKET_WINDOW)
+    assert waste(shared) < 0.05 < 0.3 < waste(per_rank)
