@@ -2,18 +2,19 @@
 
     python benchmarks/throughput.py [--data DIR_OR_LOG] [--device cpu|cuda] [--threads 2]
                                     [--batches 30] [--model diffurec|sasrec] [--eval-users 2048]
-                                    [--train-workers N] [--reference-baseline]
+                                    [--workers N] [--reference-baseline]
 
 Prints one JSON object: {"train_samples_per_s": .., "eval_users_per_s": {"32": .., "8": .., "4": .., "1": ..}}.
 ``--reference-baseline`` also times, in the same run, the reference's padding behaviour
 (every batch padded to max_len, attention over padding) so speed-ups are read as ratios
 measured on the same machine at the same moment.
 
-``--train-workers N`` (CPU) also times data-parallel training: N local processes with
-``--threads / N`` threads each, the model wrapped in DDP over gloo, each taking every N-th example
-at ``batch_size / N`` per step, which is what ``pipelines/train.py --num-workers N`` runs inside Ray
-Train (without Ray's start-up). It adds ``train_samples_per_s_workers``: all the workers' samples
-over the slowest worker's wall time, gradient all-reduce included.
+``--workers N`` (CPU) also times N local processes with ``--threads / N`` threads each, as
+``pipelines/train.py --num-workers N`` runs them inside Ray Train (without Ray's start-up):
+training with the model in DDP over gloo, each process taking every N-th example at
+``batch_size / N`` per step; evaluation with each process scoring every N-th batch. It adds
+``workers_N`` with the same two keys: all the processes' samples (users) over the slowest one's
+wall time, gradient all-reduce included.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from diffurec.data.sequences import eval_examples, load_sequences  # noqa: E402
 from diffurec.models import build_model  # noqa: E402
 from diffurec.training import (  # noqa: E402
     DDP_OPTIONS,
-    autocast,
     make_optimizer,
+    rank_batches,
     train_epoch,
     training_batches,
 )
@@ -83,87 +84,103 @@ def time_training(cfg: Config, data, device, batches: int, warmup: int = 3) -> f
     return stats["samples_per_s"]
 
 
-def _ddp_training_worker(rank: int, world: int, cfg: Config, data, batches: int, threads: int,
-                         port: int, out_dir: str, warmup: int = 3) -> None:
+def _worker(rank: int, world: int, cfg: Config, data, args, threads: int, port: int, out_dir: str,
+            warmup: int = 3) -> None:
+    """One of ``world`` local CPU processes: DDP training, then its share of each evaluation."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    cpu = torch.device("cpu")
+
+    def timed(fn):
+        dist.barrier()
+        began = time.perf_counter()
+        out = fn()
+        dist.barrier()
+        return out, time.perf_counter() - began
+
     try:
         torch.manual_seed(0)
         model = DistributedDataParallel(build_model(cfg, data.num_items), **DDP_OPTIONS)
         optimizer = make_optimizer(model, cfg)
         stream, _ = training_batches(data, cfg, epoch=1, shard=(rank, world), batch_size=cfg.batch_size // world)
-        stream = list(itertools.islice(stream, warmup + batches))
-        train_epoch(model, stream[:warmup], optimizer, torch.device("cpu"), precision=cfg.precision)
-        dist.barrier()
-        began = time.perf_counter()
-        stats = train_epoch(model, stream[warmup:], optimizer, torch.device("cpu"), precision=cfg.precision)
-        dist.barrier()
-        wall = time.perf_counter() - began
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"samples": stats["samples"], "wall": wall}))
+        stream = list(itertools.islice(stream, warmup + args.batches))
+        train_epoch(model, stream[:warmup], optimizer, cpu, precision=cfg.precision)
+        stats, wall = timed(lambda: train_epoch(model, stream[warmup:], optimizer, cpu, precision=cfg.precision))
+        result = {"train": [stats["samples"], wall], "eval": {}}
+        # evaluation as pipelines/train.py validates: every rank scores an interleaved share
+        net = model.module
+        batches = eval_sample(cfg, data, args.eval_users)[rank::world]
+        for steps in eval_reverse_steps(cfg):
+            rank_batches(net, batches[:1], cfg, cpu, reverse_steps=steps)  # warm-up
+            metrics, wall = timed(lambda s=steps: rank_batches(net, batches, cfg, cpu, reverse_steps=s))
+            result["eval"][str(steps)] = [metrics.count, wall]
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
-def time_training_workers(cfg: Config, data, batches: int, workers: int, threads: int) -> float:
-    """Samples/s of ``workers`` DDP processes on this machine (gloo), ``threads`` in all."""
+def measure_workers(cfg: Config, data, args) -> dict:
+    """Samples/s and users/s of ``args.workers`` local CPU processes, ``args.threads`` in all:
+    the work of all the processes over the slowest one's wall time."""
     import tempfile
 
     import torch.multiprocessing as mp
 
+    workers = args.workers
     if cfg.batch_size % workers:
-        raise SystemExit(f"--train-workers {workers} must divide batch_size {cfg.batch_size}")
+        raise SystemExit(f"--workers {workers} must divide batch_size {cfg.batch_size}")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_ddp_training_worker, nprocs=workers, join=True,
-                 args=(workers, cfg, data, batches, max(1, threads // workers), port, out_dir))
+        mp.spawn(_worker, nprocs=workers, join=True,
+                 args=(workers, cfg, data, args, max(1, args.threads // workers), port, out_dir))
         ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(workers)]
-    return sum(r["samples"] for r in ranks) / max(r["wall"] for r in ranks)
+
+    def rate(pairs):
+        return round(sum(n for n, _ in pairs) / max(w for _, w in pairs), 1)
+
+    return {"train_samples_per_s": rate([r["train"] for r in ranks]),
+            "eval_users_per_s": {k: rate([r["eval"][k] for r in ranks]) for k in ranks[0]["eval"]}}
 
 
-@torch.no_grad()
+def eval_sample(cfg: Config, data, users: int) -> list[dict]:
+    """The batches a full validation pass makes (length-sorted), then every k-th of them: an
+    unbiased sample of the real pass (a random subset of users batched on its own would pad far
+    more than the real pass does)."""
+    ex = eval_examples(data, "valid", cfg.max_len)
+    pad_to = cfg.max_len if cfg.attend_to_padding else None
+    batches = list(iterate_batches(data.items, ex.start, ex.end, cfg.eval_batch_size, pad_to=pad_to))
+    every = max(1, len(batches) * cfg.eval_batch_size // max(users, 1))
+    return batches[int(np.random.default_rng(0).integers(every))::every]
+
+
+def eval_reverse_steps(cfg: Config) -> list[int]:
+    return [s for s in (32, 8, 4, 1) if s <= cfg.diffusion_steps] if cfg.model == "diffurec" else [1]
+
+
 def time_eval(cfg: Config, data, device, users: int, reverse_steps: int) -> float:
     torch.manual_seed(0)
     model = build_model(cfg, data.num_items).to(device).eval()
-    ex = eval_examples(data, "valid", cfg.max_len)
-    pad_to = cfg.max_len if cfg.attend_to_padding else None
-    # the batches a full validation pass makes (length-sorted), then every k-th of them: an
-    # unbiased sample of the real pass (a random subset of users batched on its own would pad
-    # far more than the real pass does)
-    batches = list(iterate_batches(data.items, ex.start, ex.end, cfg.eval_batch_size, pad_to=pad_to))
-    every = max(1, len(batches) * cfg.eval_batch_size // max(users, 1))
-    batches = batches[int(np.random.default_rng(0).integers(every))::every]
-    users = sum(len(b["target"]) for b in batches)
-    from diffurec.metrics import RankingMetrics, target_ranks
-
-    def run(bs):
-        m = RankingMetrics()
-        for b in bs:
-            history, target = b["history"].to(device), b["target"].to(device)
-            with autocast(device, cfg.precision):
-                scores = model.score(model.predict(history, reverse_steps=reverse_steps))
-            m.update(target_ranks(scores, target))
-        return m
-
-    run(batches[:1])  # warm-up
+    batches = eval_sample(cfg, data, users)
+    rank_batches(model, batches[:1], cfg, device, reverse_steps=reverse_steps)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     began = time.perf_counter()
-    run(batches)
+    metrics = rank_batches(model, batches, cfg, device, reverse_steps=reverse_steps)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return users / (time.perf_counter() - began)
+    return metrics.count / (time.perf_counter() - began)
 
 
 def measure(cfg, data, device, args) -> dict:
     out = {"train_samples_per_s": round(time_training(cfg, data, device, args.batches), 1)}
-    steps = [s for s in (32, 8, 4, 1) if s <= cfg.diffusion_steps] if cfg.model == "diffurec" else [1]
-    out["eval_users_per_s"] = {str(s): round(time_eval(cfg, data, device, args.eval_users, s), 1) for s in steps}
+    out["eval_users_per_s"] = {str(s): round(time_eval(cfg, data, device, args.eval_users, s), 1)
+                               for s in eval_reverse_steps(cfg)}
     return out
 
 
@@ -176,8 +193,8 @@ def main() -> None:
     parser.add_argument("--model", choices=("diffurec", "sasrec"), default="diffurec")
     parser.add_argument("--eval-users", type=int, default=2048)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE")
-    parser.add_argument("--train-workers", type=int, default=0,
-                        help="also time DDP training over this many local CPU processes")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="also time this many local CPU processes: DDP training, sharded evaluation")
     parser.add_argument("--reference-baseline", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -187,12 +204,11 @@ def main() -> None:
     cfg = Config().with_sets([f"model={args.model}"] + (args.set or []))
     result = {"data": source, "device": str(device), "threads": torch.get_num_threads(), "model": args.model,
               **measure(cfg, data, device, args)}
-    if args.train_workers:
+    if args.workers:
         if device.type != "cpu":
-            raise SystemExit("--train-workers times CPU processes; use pipelines/train.py --num-workers on GPUs")
-        result["train_workers"] = args.train_workers
-        result["train_samples_per_s_workers"] = round(time_training_workers(
-            cfg, data, args.batches, args.train_workers, args.threads or torch.get_num_threads()), 1)
+            raise SystemExit("--workers times CPU processes; use pipelines/train.py --num-workers on GPUs")
+        args.threads = args.threads or torch.get_num_threads()
+        result[f"workers_{args.workers}"] = measure_workers(cfg, data, args)
     if args.reference_baseline:
         ref = measure(cfg.with_overrides({"attend_to_padding": True}), data, device, args)
         result["reference_padding"] = ref

@@ -171,17 +171,29 @@ def evaluate_sums(model: nn.Module, data: SequenceData, split: str, cfg: Config,
     start, end = ex.start, ex.end
     if users is not None:
         start, end = start[users], end[users]
-    metrics = RankingMetrics()
     if len(end) == 0:
-        return metrics.sums, 0
+        return RankingMetrics().sums, 0
     pad_to = cfg.max_len if cfg.attend_to_padding else None
-    kwargs = {} if reverse_steps is None else {"reverse_steps": reverse_steps}
     bar = progress_bar(num_batches(len(end), cfg.eval_batch_size), f"eval {split}", progress)
+    batches = iterate_batches(data.items, start, end, cfg.eval_batch_size, pad_to=pad_to)
+    metrics = rank_batches(model, batches, cfg, device, reverse_steps=reverse_steps, on_batch=bar.update)
+    bar.close()
+    return metrics.sums, metrics.count
+
+
+@torch.no_grad()
+def rank_batches(model: nn.Module, batches: Iterable[dict], cfg: Config, device: torch.device, *,
+                 reverse_steps: int | None = None, on_batch: Callable[[int], object] | None = None) -> RankingMetrics:
+    """Full-ranking metrics of eval batches ({"history", "target"}): the pass ``evaluate_sums``
+    makes, and what ``benchmarks/throughput.py`` times."""
+    model.eval()
+    metrics = RankingMetrics()
+    kwargs = {} if reverse_steps is None else {"reverse_steps": reverse_steps}
     # one autocast region for the whole pass: it caches the weights' bf16 casts across batches,
     # and the item matrix is cast once here (a slice, which autocast would cast every batch)
     items = model.item_matrix(autocast_dtype(device, cfg.precision))
     with autocast(device, cfg.precision):
-        for batch in iterate_batches(data.items, start, end, cfg.eval_batch_size, pad_to=pad_to):
+        for batch in batches:
             history = batch["history"].to(device)
             target = batch["target"].to(device)
             scores = None
@@ -190,9 +202,9 @@ def evaluate_sums(model: nn.Module, data: SequenceData, split: str, cfg: Config,
                 scores = s if scores is None else scores + s
             exclude = history if cfg.exclude_history else None
             metrics.update(target_ranks(scores, target, exclude))
-            bar.update(1)
-    bar.close()
-    return metrics.sums, metrics.count
+            if on_batch is not None:
+                on_batch(1)
+    return metrics
 
 
 def evaluate(model: nn.Module, data: SequenceData, split: str, cfg: Config, device: torch.device, *,

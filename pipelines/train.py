@@ -22,7 +22,9 @@ How the pieces fit
   ``batch_size / N`` examples per step and DDP averages the gradients, so one step sees
   ``batch_size`` examples on any worker count (same config = same run, within noise).
 - Randomness: torch is reseeded from (seed, epoch, rank) at the start of every epoch, so ranks
-  draw independent dropout/diffusion noise and a resumed run replays the same streams.
+  draw independent dropout/diffusion noise and a resumed run replays the same streams. The
+  length-bucketing stream (:func:`diffurec.training.bucketing_rng`) is the same on every rank, so
+  the workers' batches of one step have about the same length and finish together.
 - Evaluation is DISTRIBUTED: every ``eval_every`` epochs each rank scores an interleaved slice
   of the validation users (``users[rank::world]``) and the metric sums are all-reduced, so every
   rank holds the same metrics over the whole validation set (and agrees on early stopping).
