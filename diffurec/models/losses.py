@@ -6,7 +6,8 @@ log-softmax backward and a downcast of its result for the backward GEMMs. Here t
 the softmax (computed in float32 inside the kernel, stored in the scores' dtype, which is exactly
 what the old path fed the backward GEMMs) and the backward is ``softmax - onehot`` handed to the
 two GEMMs. On 2 CPU threads, forward and backward of [512, 128] x [12101, 128] in bf16 took
-20 ms instead of 27.5 ms (``benchmarks/profile_step.py`` showed the extra passes).
+18-22 ms against 33-48 ms in one interleaved microbenchmark (``benchmarks/profile_step.py``
+showed the extra passes).
 """
 
 from __future__ import annotations
