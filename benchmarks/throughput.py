@@ -62,13 +62,19 @@ def load_data(path: str | None):
     return sequence_data_from_tables(res.sequences, int(res.items.num_rows), res.stats), "synthetic"
 
 
-def warmed_up_training(cfg: Config, data, device, batches: int, warmup: int = 3):
+def warmed_up_training(cfg: Config, data, device, batches: int, warmup: int = 3, *,
+                       shard: tuple[int, int] = (0, 1), wrap=None):
     """A seeded model and optimizer after ``warmup`` steps, and the next ``batches`` real
-    batches of epoch 1 to time (what this script and ``profile_step.py`` measure)."""
+    batches of epoch 1 to time (what this script and ``profile_step.py`` measure).
+
+    ``shard`` (rank, world) with ``wrap`` (e.g. DDP): one worker's share, at batch_size / world.
+    """
     torch.manual_seed(0)
     model = build_model(cfg, data.num_items).to(device)
+    if wrap is not None:
+        model = wrap(model)
     optimizer = make_optimizer(model, cfg)
-    stream, _ = training_batches(data, cfg, epoch=1)
+    stream, _ = training_batches(data, cfg, epoch=1, shard=shard, batch_size=cfg.batch_size // shard[1])
     stream = list(itertools.islice(stream, warmup + batches))
     train_epoch(model, stream[:warmup], optimizer, device, precision=cfg.precision)
     return model, optimizer, stream[warmup:]
@@ -84,8 +90,7 @@ def time_training(cfg: Config, data, device, batches: int, warmup: int = 3) -> f
     return stats["samples_per_s"]
 
 
-def _worker(rank: int, world: int, cfg: Config, data, args, threads: int, port: int, out_dir: str,
-            warmup: int = 3) -> None:
+def _worker(rank: int, world: int, cfg: Config, data, args, threads: int, port: int, out_dir: str) -> None:
     """One of ``world`` local CPU processes: DDP training, then its share of each evaluation."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -103,13 +108,10 @@ def _worker(rank: int, world: int, cfg: Config, data, args, threads: int, port: 
         return out, time.perf_counter() - began
 
     try:
-        torch.manual_seed(0)
-        model = DistributedDataParallel(build_model(cfg, data.num_items), **DDP_OPTIONS)
-        optimizer = make_optimizer(model, cfg)
-        stream, _ = training_batches(data, cfg, epoch=1, shard=(rank, world), batch_size=cfg.batch_size // world)
-        stream = list(itertools.islice(stream, warmup + args.batches))
-        train_epoch(model, stream[:warmup], optimizer, cpu, precision=cfg.precision)
-        stats, wall = timed(lambda: train_epoch(model, stream[warmup:], optimizer, cpu, precision=cfg.precision))
+        model, optimizer, stream = warmed_up_training(
+            cfg, data, cpu, args.batches, shard=(rank, world),
+            wrap=lambda m: DistributedDataParallel(m, **DDP_OPTIONS))
+        stats, wall = timed(lambda: train_epoch(model, stream, optimizer, cpu, precision=cfg.precision))
         result = {"train": [stats["samples"], wall], "eval": {}}
         # evaluation as pipelines/train.py validates: every rank scores an interleaved share
         net = model.module

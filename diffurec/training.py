@@ -166,7 +166,6 @@ def evaluate_sums(model: nn.Module, data: SequenceData, split: str, cfg: Config,
                   reverse_steps: int | None = None, users: slice | None = None,
                   progress: bool = False) -> tuple[dict[str, float], int]:
     """Metric sums and user count over ``split`` (optionally a slice of users, for sharding)."""
-    model.eval()
     ex = eval_examples(data, split, cfg.max_len)
     start, end = ex.start, ex.end
     if users is not None:

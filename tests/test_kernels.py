@@ -111,3 +111,11 @@ def test_full_cross_entropy_rejects_mixed_dtypes():
     rep, items, target, _ = _ce_inputs(torch.float32)
     with pytest.raises(TypeError, match="bfloat16"):
         full_cross_entropy(rep, items.detach().bfloat16(), target)
+
+
+def test_full_cross_entropy_refuses_a_second_backward():
+    rep, items, target, _ = _ce_inputs(torch.float32)
+    loss = full_cross_entropy(rep, items, target).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()

@@ -29,10 +29,15 @@ class _FullCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor):
+        if getattr(ctx, "probs_overwritten", False):
+            raise RuntimeError("full_cross_entropy supports one backward per forward: the first "
+                               "overwrote its saved softmax (retain_graph is not supported)")
+        ctx.probs_overwritten = True
         probs, rep, items, target = ctx.saved_tensors
         with torch.autocast(rep.device.type, enabled=False):
-            # d loss_i / d score_ij = p_ij - [j = target_i]; probs is not needed after this step
-            # (one entry per row, so plain indexing: scatter_add_ upcasts the whole bf16 matrix)
+            # d loss_i / d score_ij = p_ij - [j = target_i], written over the saved probs (the
+            # [B, items] matrix is not copied). One entry per row, so plain indexing:
+            # scatter_add_ upcasts the whole bf16 matrix
             rows = torch.arange(len(target), device=target.device)
             probs[rows, target] -= 1
             grad_scores = probs
