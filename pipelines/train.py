@@ -230,6 +230,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     status_dir = loop_config.get("status_dir")
+    finish_run = loop_config.get("finish_run", True)  # False: the sweep's driver sets the status
     data = load_sequences(loop_config["data_dir"])
     per_worker = cfg.batch_size // world
     # streaming_split(equal=True) gives every worker floor(n / world) rows
@@ -349,9 +350,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             tracker.log_artifact(run_dir / "config.yaml")
             if loop_config.get("log_model", True):
                 tracker.log_model(load_checkpoint(run_dir / "best.pt")[0])
-            tracker.finish()
+            if finish_run:
+                tracker.finish()
     except BaseException:
-        if tracker is not None:
+        if tracker is not None and finish_run:
             try:
                 tracker.finish("FAILED")
             except Exception:  # noqa: BLE001 - the original error matters more
@@ -366,8 +368,13 @@ def make_trainer(cfg: Config, data_dir: str, *, num_workers: int = 1, use_gpu: b
                  storage_path: str, mlflow_uri: str, experiment: str = "diffurec",
                  parent_run_id: str | None = None, resources_per_worker: dict | None = None,
                  max_failures: int = 2, callbacks: list | None = None, tags: dict | None = None,
-                 log_model: bool = True, status_dir: str | None = None):
+                 log_model: bool = True, status_dir: str | None = None, finish_run: bool = True):
     """A ``TorchTrainer`` for one training run (not started: call ``.fit()``).
+
+    ``finish_run=False`` leaves the MLflow run's terminal status to the caller: a sweep's driver
+    decides it (a trial stopped by ASHA may still be running its last epoch when Tune moves on,
+    and a worker marking the run FINISHED after the driver marked it KILLED would contradict
+    the ``trial_status`` tag).
 
     ``data_dir`` must be a prepared dataset (see :func:`resolve_data` for raw logs). Ray must be
     initialised (it is started locally if not). ``callbacks`` are Ray Train ``UserCallback``s
@@ -390,7 +397,8 @@ def make_trainer(cfg: Config, data_dir: str, *, num_workers: int = 1, use_gpu: b
     dataset = examples_dataset(data_dir, cfg)
     loop_config = {"config": cfg.to_dict(), "data_dir": str(data_dir), "mlflow_uri": mlflow_uri,
                    "experiment": experiment, "run_name": name, "parent_run_id": parent_run_id,
-                   "tags": dict(tags or {}), "log_model": log_model, "status_dir": status_dir}
+                   "tags": dict(tags or {}), "log_model": log_model, "status_dir": status_dir,
+                   "finish_run": finish_run}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,

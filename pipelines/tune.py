@@ -204,7 +204,8 @@ def run_trial(sampled: dict, setup: dict) -> None:
         mlflow_uri=setup["mlflow_uri"], experiment=setup["experiment"],
         parent_run_id=setup["parent_run_id"], resources_per_worker=setup["resources"],
         max_failures=setup["max_failures"], callbacks=[TuneReportCallback()], tags=tags,
-        log_model=False)  # only the best trial's model is logged (and registered) by the sweep
+        log_model=False,  # only the best trial's model is logged (and registered) by the sweep
+        finish_run=False)  # the driver marks the run (ChildRunStatus, then finish()): one writer
     trainer.fit()
 
 

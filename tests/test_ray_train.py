@@ -282,15 +282,21 @@ def test_two_workers_half_batch_follow_one_worker(ray_local, prepared, tmp_path)
 
     cfg = Config().with_overrides(dict(TINY, epochs=3, model="sasrec", batch_size=64, seed=3))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    curves = {}
+    curves, runs = {}, {}
     for workers in (1, 2):
+        # finish_run=False (what a sweep passes) on one of the two: the run is left to its caller
         trainer = train.make_trainer(cfg, str(prepared), num_workers=workers, name=f"equiv-{workers}",
                                      storage_path=str(tmp_path / "ray_results"), mlflow_uri=uri,
-                                     max_failures=0, log_model=False)
+                                     max_failures=0, log_model=False, finish_run=workers == 2)
         result = trainer.fit()
-        history = mlflow.MlflowClient(uri).get_metric_history(result.metrics["mlflow_run_id"],
-                                                              mlflow_metric_name("valid/NDCG@10"))
+        client = mlflow.MlflowClient(uri)
+        runs[workers] = client.get_run(result.metrics["mlflow_run_id"])
+        history = client.get_metric_history(result.metrics["mlflow_run_id"], mlflow_metric_name("valid/NDCG@10"))
         curves[workers] = [m.value for m in sorted(history, key=lambda m: m.step)]
+    # the worker finishes its run only when it owns it; the sweep's driver owns its trials' runs
+    assert runs[2].info.status == "FINISHED"
+    assert runs[1].info.status == "RUNNING"
+    assert any(k.startswith("test/") for k in runs[1].data.metrics)  # all the work was logged
     one, two = curves[1], curves[2]
     assert len(one) == len(two) == 3
     # both learn (the planted structure is far above chance: 10/120 items ~ NDCG 0.04) ...
