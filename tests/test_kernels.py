@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from diffurec.models import approximator
 from diffurec.models.approximator import attend, attention_mask
 from diffurec.models.dropout import Dropout, dropout, keep_mask, scaled_keep_mask
 from diffurec.models.losses import full_cross_entropy
@@ -119,3 +120,26 @@ def test_full_cross_entropy_refuses_a_second_backward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward per forward"):
         loss.backward()
+
+
+@pytest.mark.skipif(not approximator._HAS_FUSED_LINEAR, reason="this torch build has no oneDNN fused linear")
+def test_fused_inference_linear_matches_plain_path(monkeypatch):
+    torch.manual_seed(0)
+    block = approximator.Block(hidden=32, heads=4, dropout=0.1).eval()
+    x = torch.randn(5, 7, 32)
+    valid = torch.ones(5, 7, dtype=torch.bool)
+    valid[0, :4] = False
+    mask = attention_mask(valid, causal=False, length=7, device="cpu")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert approximator._fusable(x) == torch.bfloat16
+        fused = block(x, mask, last_only=True)
+        monkeypatch.setattr(approximator, "_HAS_FUSED_LINEAR", False)
+        plain = block(x, mask, last_only=True)
+    # both round to bf16 at the same points; the fused op keeps the pre-GELU sum in float32
+    torch.testing.assert_close(fused.float(), plain.float(), atol=3e-2, rtol=3e-2)
+    assert (fused.float() - plain.float()).abs().mean() < 2e-3
+    # training (an autograd graph) and float32 always take the plain path
+    monkeypatch.setattr(approximator, "_HAS_FUSED_LINEAR", True)
+    assert approximator._fusable(x) is None
+    with torch.no_grad():
+        assert approximator._fusable(x) is None
