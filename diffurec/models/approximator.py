@@ -57,7 +57,9 @@ def _fusable(x: torch.Tensor) -> torch.dtype | None:
     """The dtype a fused oneDNN linear runs in here, or None where the plain path is used.
 
     Only inference (no autograd graph: the fused op has no backward), on CPU, in bf16 (own or
-    autocast), where it was measured to pay.
+    autocast), where it was measured to pay. In training, a bias-only fused forward with a
+    written-out backward ran at 0.97x the plain path (6 interleaved 30-batch rounds), so
+    training keeps ``addmm``.
     """
     if x.device.type != "cpu" or torch.is_grad_enabled() or not _HAS_FUSED_LINEAR:
         return None
