@@ -464,6 +464,21 @@ def _latest_checkpoint_config(run_path: Path) -> dict | None:
     return torch.load(dirs[-1] / "latest.pt", map_location="cpu", weights_only=False).get("config")
 
 
+def worker_resources(args) -> dict | None:
+    """Per-worker resources: ``--cpus-per-worker``; else, on a local CPU cluster started here,
+    its CPUs shared by the workers (each worker's torch threads follow its CPUs). Ray's own
+    default of 1 CPU left a 2-core machine's second core idle in the default one-worker run.
+    On a remote cluster (``RAY_ADDRESS``) or with GPUs, Ray's default stays."""
+    import ray
+
+    cpus = args.cpus_per_worker
+    if cpus is None and not args.use_gpu and not ray_address():
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // args.num_workers))
+    if cpus is None:
+        return None
+    return {"CPU": cpus, **({"GPU": 1} if args.use_gpu else {})}
+
+
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(prog="python pipelines/train.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -471,7 +486,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (default 1)")
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="CPUs reserved per worker (default: Ray's, 1; also sets its torch threads)")
+                   help="CPUs reserved per worker, also its torch threads (default: a local cluster's "
+                        "CPUs shared by the workers; on RAY_ADDRESS or with --use-gpu, Ray's 1)")
     p.add_argument("--config", help="YAML file of config keys")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--name", help="run name (default: unique; an existing name is refused)")
@@ -517,13 +533,10 @@ def _main(argv: list[str] | None) -> int:
     from diffurec.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.mlflow_uri, cfg.output_dir)
-    resources = {"CPU": args.cpus_per_worker} if args.cpus_per_worker else None
-    if args.use_gpu and resources is not None:
-        resources["GPU"] = 1
-
     started = init_ray()
     try:
         check_gpus(args.use_gpu)
+        resources = worker_resources(args)
         trainer = make_trainer(cfg, str(data_dir), num_workers=args.num_workers, use_gpu=args.use_gpu,
                                name=name, storage_path=str(storage), mlflow_uri=uri, experiment=args.experiment,
                                resources_per_worker=resources, max_failures=args.max_failures,

@@ -151,6 +151,27 @@ def test_bad_arguments_fail_before_workers(case, tmp_path, prepared, monkeypatch
     assert needle in err[0], err[0]
 
 
+def test_local_workers_share_the_local_cpus(ray_local, monkeypatch):
+    import argparse
+
+    import pipelines.train as train
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cpus = int(ray_local.cluster_resources()["CPU"])  # 2: the fixture's cluster
+
+    def args(**kw):
+        return argparse.Namespace(**{"cpus_per_worker": None, "use_gpu": False, "num_workers": 1, **kw})
+
+    assert train.worker_resources(args()) == {"CPU": cpus}  # one worker gets both cores
+    assert train.worker_resources(args(num_workers=2)) == {"CPU": max(1, cpus // 2)}
+    assert train.worker_resources(args(num_workers=3)) == {"CPU": 1}  # never below 1
+    assert train.worker_resources(args(cpus_per_worker=0.5)) == {"CPU": 0.5}  # the flag wins
+    assert train.worker_resources(args(use_gpu=True)) is None  # Ray's 1 CPU + 1 GPU
+    assert train.worker_resources(args(use_gpu=True, cpus_per_worker=4)) == {"CPU": 4, "GPU": 1}
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a remote cluster: Ray's default
+    assert train.worker_resources(args()) is None
+
+
 def test_name_reuse_is_refused_and_resume_needs_a_run(tmp_path, prepared, capsys):
     import pipelines.train as train
 
