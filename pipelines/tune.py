@@ -456,12 +456,16 @@ def register_best(uri: str, run_id: str | None, checkpoint: str | None, model_na
     if not run_id or not checkpoint or not Path(checkpoint).is_file():
         log("no checkpoint to register (best trial has no best.pt)")
         return None
+    import mlflow
+
     from diffurec.tracking import MLflowRun
     from diffurec.training import load_checkpoint
 
+    # read before MLflowRun(run_id=...) reopens the run as RUNNING: the status to restore (a
+    # best trial stopped by ASHA stays KILLED, matching its trial_status tag)
+    status = mlflow.MlflowClient(uri).get_run(run_id).info.status
     tracker = MLflowRun(uri, run_id=run_id)
     client = tracker.client
-    status = client.get_run(run_id).info.status
     model, _, _ = load_checkpoint(checkpoint, "cpu")
     try:
         info = tracker.log_model(model, registered_model_name=model_name)
@@ -633,9 +637,12 @@ def run_tuner(args, space, base, setup, num_samples, max_concurrent, storage: Pa
         if run_config is not None:
             run_config.callbacks = callbacks
     else:
-        max_t = int(spaces.max_value(space, base, "epochs"))
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                                  grace_period=min(2, max_t), reduction_factor=2)
+        epochs = int(spaces.max_value(space, base, "epochs"))
+        # ASHA stops any trial that reaches max_t; one past the longest trial leaves that to the
+        # trial itself, so a trial that trains every epoch also tests its best model and logs
+        # its artifacts instead of being killed right after its last report
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1,
+                                  grace_period=min(2, epochs), reduction_factor=2)
         tuner = tune.Tuner(
             trainable, param_space=param_space(space),
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(args.seed, num_samples),

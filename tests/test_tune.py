@@ -115,6 +115,31 @@ def test_classify_trial_outcomes():
     assert classify(hist(0.1), True, cfg) == "failed"
 
 
+def test_registering_the_best_model_keeps_its_runs_status(tmp_path):
+    """The best trial may be one ASHA stopped: its run must stay KILLED after its model is logged
+    and registered (MLflowRun(run_id=...) reopens a run as RUNNING; the status to restore has to
+    be read before that)."""
+    import mlflow
+
+    sys.path.insert(0, str(REPO))
+    from diffurec.models import build_model
+    from diffurec.training import model_payload, save_atomic
+    from pipelines.tune import mark_child, register_best
+
+    cfg = Config().with_overrides({"hidden_size": 8, "num_heads": 2, "num_blocks": 1, "diffusion_steps": 4,
+                                   "reverse_steps": 2})
+    checkpoint = save_atomic(model_payload(build_model(cfg, 12), cfg, 12), tmp_path / "best.pt")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("reg")).info.run_id
+    mark_child(client, run_id, "stopped_by_asha")
+    reg = register_best(uri, run_id, str(checkpoint), "reg-best", "sweep-x")
+    assert reg is not None and reg["version"] == "1"
+    run = client.get_run(run_id)
+    assert (run.data.tags["trial_status"], run.info.status) == ("stopped_by_asha", "KILLED")
+    assert client.get_model_version("reg-best", "1").tags["sweep"] == "sweep-x"
+
+
 # ---- slow: a real sweep, interrupted and resumed ----------------------------------------------
 @pytest.mark.slow
 def test_sweep_interrupt_resume_and_mlflow_tree(tmp_path):
@@ -177,6 +202,8 @@ def test_sweep_interrupt_resume_and_mlflow_tree(tmp_path):
     for c in live:
         status = c.data.tags["trial_status"]
         assert status in STATUSES and c.info.status == STATUSES[status], (status, c.info.status)
+        if status == "completed":  # it ended itself: tested its best model, not killed by ASHA
+            assert any(k.startswith("test/") for k in c.data.metrics), sorted(c.data.metrics)
         p = c.data.params
         assert int(p["reverse_steps"]) <= int(p["diffusion_steps"])
         assert p["noise_schedule"] and "lr" in p and "lambda_mean" in p
