@@ -616,10 +616,36 @@ def make_searcher(seed: int, num_samples: int):
     return OptunaSearch(metric=METRIC, mode=MODE, sampler=sampler)
 
 
+def make_scheduler(base: Config, epochs: int):
+    """ASHA (grace period 2, reduction factor 2) that stops weak trials but never one at its own
+    last epoch.
+
+    A stop kills the trial's workers right after its report, before they test the best model
+    and log artifacts, and stopping a trial that has trained every epoch saves nothing. ASHA
+    stops any trial reaching ``max_t`` (so ``max_t`` is one past the longest trial) and may
+    also stop at a rung that falls on a trial's last epoch (``epochs`` a power of two).
+    """
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    base_dict = base.to_dict()
+
+    class LastEpochKeepingASHA(ASHAScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == TrialScheduler.STOP:
+                last = spaces.trial_config(Config.from_dict(base_dict), dict(trial.config or {})).epochs
+                if result.get(self._time_attr, 0) >= last:
+                    self._num_stopped -= 1
+                    return TrialScheduler.CONTINUE
+            return action
+
+    return LastEpochKeepingASHA(time_attr="training_iteration", max_t=epochs + 1,
+                                grace_period=min(2, epochs), reduction_factor=2)
+
+
 def run_tuner(args, space, base, setup, num_samples, max_concurrent, storage: Path, name: str,
               resume: bool):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": TRIAL_DRIVER_CPU})
     # a SIGTERM (ray job stop, kill) takes the same graceful path as Ctrl+C: Tune saves its state
@@ -637,12 +663,7 @@ def run_tuner(args, space, base, setup, num_samples, max_concurrent, storage: Pa
         if run_config is not None:
             run_config.callbacks = callbacks
     else:
-        epochs = int(spaces.max_value(space, base, "epochs"))
-        # ASHA stops any trial that reaches max_t; one past the longest trial leaves that to the
-        # trial itself, so a trial that trains every epoch also tests its best model and logs
-        # its artifacts instead of being killed right after its last report
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs + 1,
-                                  grace_period=min(2, epochs), reduction_factor=2)
+        scheduler = make_scheduler(base, int(spaces.max_value(space, base, "epochs")))
         tuner = tune.Tuner(
             trainable, param_space=param_space(space),
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=make_searcher(args.seed, num_samples),

@@ -115,6 +115,42 @@ def test_classify_trial_outcomes():
     assert classify(hist(0.1), True, cfg) == "failed"
 
 
+def test_asha_never_stops_a_trial_at_its_last_epoch():
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    sys.path.insert(0, str(REPO))
+    from pipelines.tune import METRIC, MODE, make_scheduler
+
+    def decisions(scheduler) -> list[str]:
+        """A strong trial, then one that passes the epoch-2 rung and collapses by epoch 4 (its
+        last: epochs=4 puts a rung there)."""
+        scheduler.set_search_properties(METRIC, MODE)
+        strong, weak = SimpleNamespace(trial_id="a", config={}), SimpleNamespace(trial_id="b", config={})
+        for t in (strong, weak):
+            scheduler.on_trial_add(None, t)
+        for epoch in (1, 2, 3, 4):
+            scheduler.on_trial_result(None, strong, {"training_iteration": epoch, METRIC: 0.5})
+        return [scheduler.on_trial_result(None, weak, {"training_iteration": epoch, METRIC: v})
+                for epoch, v in ((1, 0.6), (2, 0.6), (3, 0.3), (4, 0.1))]
+
+    plain = decisions(ASHAScheduler(time_attr="training_iteration", max_t=5, grace_period=2, reduction_factor=2))
+    assert plain[-1] == TrialScheduler.STOP  # what plain ASHA does at a rung on the last epoch
+    ours = decisions(make_scheduler(Config(epochs=4), epochs=4))
+    assert ours == [TrialScheduler.CONTINUE] * 4
+    # a weak trial is still stopped before its last epoch
+    sched = make_scheduler(Config(epochs=4), epochs=4)
+    sched.set_search_properties(METRIC, MODE)
+    a, b = SimpleNamespace(trial_id="a", config={}), SimpleNamespace(trial_id="b", config={"epochs": 8})
+    for t in (a, b):
+        sched.on_trial_add(None, t)
+    for epoch in (1, 2):
+        sched.on_trial_result(None, a, {"training_iteration": epoch, METRIC: 0.5})
+    sched.on_trial_result(None, b, {"training_iteration": 1, METRIC: 0.1})
+    assert sched.on_trial_result(None, b, {"training_iteration": 2, METRIC: 0.1}) == TrialScheduler.STOP
+
+
 def test_registering_the_best_model_keeps_its_runs_status(tmp_path):
     """The best trial may be one ASHA stopped: its run must stay KILLED after its model is logged
     and registered (MLflowRun(run_id=...) reopens a run as RUNNING; the status to restore has to
