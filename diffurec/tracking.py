@@ -85,17 +85,20 @@ class MLflowRun:
     """One MLflow run: params once, metrics per epoch, artifacts and the model at the end."""
 
     def __init__(self, tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, run_name: str | None = None,
-                 tags: dict[str, str] | None = None, parent_run_id: str | None = None, run_id: str | None = None):
+                 tags: dict[str, str] | None = None, parent_run_id: str | None = None, run_id: str | None = None,
+                 reopen: bool = True):
         import mlflow
 
         self.mlflow = mlflow
         self.tracking_uri = tracking_uri
         self.client = mlflow.MlflowClient(tracking_uri)
         if run_id is not None:
-            # continue an existing run (a resumed training, a sweep registering its best model)
+            # an existing run: continued (a resumed training: RUNNING again), or with
+            # ``reopen=False`` only added to (a sweep logging its best model), status kept
             self.run_id = run_id
             exp_id = self.client.get_run(run_id).info.experiment_id
-            self.client.update_run(run_id, status="RUNNING")
+            if reopen:
+                self.client.update_run(run_id, status="RUNNING")
             for key, value in (tags or {}).items():
                 self.client.set_tag(run_id, key, str(value))
         else:
@@ -139,11 +142,16 @@ class MLflowRun:
         MLflow 3.17 defaults to the traced 'pt2' format, which needs an input example and traces
         ``forward`` (the training loss here); the pickled module is what a recommender needs.
         Requirements are given, not inferred: inferring re-imports the model in a subprocess.
+        The run keeps its status: the fluent ``start_run`` this needs would end it FINISHED.
         """
         import mlflow.pytorch
         import torch
 
+        status = self.client.get_run(self.run_id).info.status
         previous = self.mlflow.get_tracking_uri()
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI to the environment (for subprocesses);
+        # restoring only the URI would leave it pointing every later child process at this store
+        previous_env = os.environ.get("MLFLOW_TRACKING_URI")
         self.mlflow.set_tracking_uri(self.tracking_uri)
         try:
             with self.mlflow.start_run(run_id=self.run_id):
@@ -153,6 +161,14 @@ class MLflowRun:
                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
         finally:
             self.mlflow.set_tracking_uri(previous)
+            if previous_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous_env
+            if status == "RUNNING":
+                self.client.update_run(self.run_id, status="RUNNING")
+            else:
+                self.client.set_terminated(self.run_id, status=status)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)

@@ -456,24 +456,16 @@ def register_best(uri: str, run_id: str | None, checkpoint: str | None, model_na
     if not run_id or not checkpoint or not Path(checkpoint).is_file():
         log("no checkpoint to register (best trial has no best.pt)")
         return None
-    import mlflow
-
     from diffurec.tracking import MLflowRun
     from diffurec.training import load_checkpoint
 
-    # read before MLflowRun(run_id=...) reopens the run as RUNNING: the status to restore (a
-    # best trial stopped by ASHA stays KILLED, matching its trial_status tag)
-    status = mlflow.MlflowClient(uri).get_run(run_id).info.status
-    tracker = MLflowRun(uri, run_id=run_id)
-    client = tracker.client
+    # reopen=False: the run keeps its status (a best trial stopped by ASHA stays KILLED)
+    tracker = MLflowRun(uri, run_id=run_id, reopen=False)
     model, _, _ = load_checkpoint(checkpoint, "cpu")
-    try:
-        info = tracker.log_model(model, registered_model_name=model_name)
-        version = info.registered_model_version
-    finally:
-        client.set_terminated(run_id, status=status if status != "RUNNING" else "FINISHED")
+    info = tracker.log_model(model, registered_model_name=model_name)
+    version = info.registered_model_version
     if version is not None:
-        client.set_model_version_tag(model_name, str(version), "sweep", sweep)
+        tracker.client.set_model_version_tag(model_name, str(version), "sweep", sweep)
     return {"name": model_name, "version": str(version), "model_uri": info.model_uri}
 
 
@@ -627,13 +619,11 @@ def make_scheduler(base: Config, epochs: int):
     """
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    base_dict = base.to_dict()
-
     class LastEpochKeepingASHA(ASHAScheduler):
         def on_trial_result(self, tune_controller, trial, result):
             action = super().on_trial_result(tune_controller, trial, result)
             if action == TrialScheduler.STOP:
-                last = spaces.trial_config(Config.from_dict(base_dict), dict(trial.config or {})).epochs
+                last = spaces.trial_config(base, dict(trial.config or {})).epochs
                 if result.get(self._time_attr, 0) >= last:
                     self._num_stopped -= 1
                     return TrialScheduler.CONTINUE

@@ -151,10 +151,9 @@ def test_asha_never_stops_a_trial_at_its_last_epoch():
     assert sched.on_trial_result(None, b, {"training_iteration": 2, METRIC: 0.1}) == TrialScheduler.STOP
 
 
-def test_registering_the_best_model_keeps_its_runs_status(tmp_path):
+def test_registering_the_best_model_keeps_its_runs_status(tmp_path, monkeypatch):
     """The best trial may be one ASHA stopped: its run must stay KILLED after its model is logged
-    and registered (MLflowRun(run_id=...) reopens a run as RUNNING; the status to restore has to
-    be read before that)."""
+    and registered (neither reopening the run nor MLflow's fluent start_run may end it FINISHED)."""
     import mlflow
 
     sys.path.insert(0, str(REPO))
@@ -169,7 +168,10 @@ def test_registering_the_best_model_keeps_its_runs_status(tmp_path):
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("reg")).info.run_id
     mark_child(client, run_id, "stopped_by_asha")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     reg = register_best(uri, run_id, str(checkpoint), "reg-best", "sweep-x")
+    # logging the model leaves no tracking URI behind for later child processes to inherit
+    assert "MLFLOW_TRACKING_URI" not in os.environ
     assert reg is not None and reg["version"] == "1"
     run = client.get_run(run_id)
     assert (run.data.tags["trial_status"], run.info.status) == ("stopped_by_asha", "KILLED")
