@@ -53,6 +53,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
+_HAS_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matrix product on ``x`` runs in here: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 def _fusable(x: torch.Tensor) -> torch.dtype | None:
     """The dtype a fused oneDNN linear runs in here, or None where the plain path is used.
 
@@ -63,11 +72,8 @@ def _fusable(x: torch.Tensor) -> torch.dtype | None:
     """
     if x.device.type != "cpu" or torch.is_grad_enabled() or not _HAS_FUSED_LINEAR:
         return None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    dtype = compute_dtype(x)
     return dtype if dtype == torch.bfloat16 else None
-
-
-_HAS_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from diffurec.config import Config
-from diffurec.models.approximator import Approximator, attention_mask
+from diffurec.models.approximator import Approximator, attention_mask, compute_dtype
 from diffurec.models.diffusion import GaussianDiffusion, make_timestep_sampler
 from diffurec.models.dropout import Dropout
 from diffurec.models.losses import full_cross_entropy
@@ -73,8 +73,7 @@ class SequenceEncoderBase(nn.Module):
 
     def cross_entropy(self, rep: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-example cross-entropy over every real item (``target`` holds item ids)."""
-        device = rep.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else rep.dtype
+        dtype = compute_dtype(rep)
         return full_cross_entropy(rep.to(dtype), self.item_matrix(dtype), target - 1)
 
 
