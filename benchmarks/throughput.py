@@ -40,6 +40,7 @@ from diffurec.data.sequences import eval_examples, load_sequences  # noqa: E402
 from diffurec.models import build_model  # noqa: E402
 from diffurec.training import (  # noqa: E402
     DDP_OPTIONS,
+    eval_batch_order,
     make_optimizer,
     rank_batches,
     train_epoch,
@@ -115,7 +116,9 @@ def _worker(rank: int, world: int, cfg: Config, data, args, threads: int, port: 
         result = {"train": [stats["samples"], wall], "eval": {}}
         # evaluation as pipelines/train.py validates: every rank scores an interleaved share
         net = model.module
-        batches = eval_sample(cfg, data, args.eval_users)[rank::world]
+        # as pipelines/train.py shards validation: every world-th user, then batched
+        start, end = eval_sample(cfg, data, args.eval_users)
+        batches = eval_batches(cfg, data, start[rank::world], end[rank::world])
         for steps in eval_reverse_steps(cfg):
             rank_batches(net, batches[:1], cfg, cpu, reverse_steps=steps)  # warm-up
             metrics, wall = timed(lambda s=steps: rank_batches(net, batches, cfg, cpu, reverse_steps=s))
@@ -150,15 +153,22 @@ def measure_workers(cfg: Config, data, args) -> dict:
             "eval_users_per_s": {k: rate([r["eval"][k] for r in ranks]) for k in ranks[0]["eval"]}}
 
 
-def eval_sample(cfg: Config, data, users: int) -> list[dict]:
-    """The batches a full validation pass makes (length-sorted), then every k-th of them: an
-    unbiased sample of the real pass (a random subset of users batched on its own would pad far
-    more than the real pass does)."""
+def eval_sample(cfg: Config, data, users: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) of the users in every k-th batch of a full validation pass (batches by token
+    budget, length-sorted; k leaves at least 8 batches): an unbiased sample of the real pass's
+    mix of history lengths and batch sizes. ``users`` sets k, so more users than asked may come."""
     ex = eval_examples(data, "valid", cfg.max_len)
+    order = eval_batch_order(ex.end - ex.start, cfg)
+    every = max(1, min(len(ex.end) // max(users, 1), len(order) // 8))
+    pick = np.concatenate(order[int(np.random.default_rng(0).integers(every))::every])
+    return ex.start[pick], ex.end[pick]
+
+
+def eval_batches(cfg: Config, data, start: np.ndarray, end: np.ndarray) -> list[dict]:
+    """The batches ``evaluate_sums`` would make of these users."""
     pad_to = cfg.max_len if cfg.attend_to_padding else None
-    batches = list(iterate_batches(data.items, ex.start, ex.end, cfg.eval_batch_size, pad_to=pad_to))
-    every = max(1, len(batches) * cfg.eval_batch_size // max(users, 1))
-    return batches[int(np.random.default_rng(0).integers(every))::every]
+    return list(iterate_batches(data.items, start, end, cfg.eval_batch_size, pad_to=pad_to,
+                                order=eval_batch_order(end - start, cfg)))
 
 
 def eval_reverse_steps(cfg: Config) -> list[int]:
@@ -168,7 +178,7 @@ def eval_reverse_steps(cfg: Config) -> list[int]:
 def time_eval(cfg: Config, data, device, users: int, reverse_steps: int) -> float:
     torch.manual_seed(0)
     model = build_model(cfg, data.num_items).to(device).eval()
-    batches = eval_sample(cfg, data, users)
+    batches = eval_batches(cfg, data, *eval_sample(cfg, data, users))
     rank_batches(model, batches[:1], cfg, device, reverse_steps=reverse_steps)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -68,9 +68,12 @@ class Config:
     deterministic_reverse: bool = False
     reverse_samples: int = 1
     # evaluation
-    # 256 users keep a block's activations in cache on CPU: 1.4-1.6x the users/s of 512 on
-    # 2 threads (benchmarks/throughput.py); metrics do not depend on it
-    eval_batch_size: int = 256
+    # batches of users sorted by history length, each up to eval_batch_tokens history tokens
+    # (users x padded length) and eval_batch_size users: many short histories per batch, few long
+    # ones (data/batches.py token_budget_order); 0 tokens = always eval_batch_size users. Speed
+    # only: metrics do not depend on the batches beyond the reverse process's random draws
+    eval_batch_size: int = 2048
+    eval_batch_tokens: int = 6144
     exclude_history: bool = False
     # data (used when --data is a raw log that must be split first)
     min_user: int = 5
@@ -155,6 +158,7 @@ class Config:
         need(self.epochs >= 1, "epochs", "must be >= 1")
         need(self.batch_size >= 1, "batch_size", "must be a positive integer")
         need(self.eval_batch_size >= 1, "eval_batch_size", "must be a positive integer")
+        need(self.eval_batch_tokens >= 0, "eval_batch_tokens", "must be >= 0 (0: eval_batch_size users per batch)")
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be > 0")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from diffurec.config import Config
-from diffurec.data.batches import iterate_batches, num_batches
+from diffurec.data.batches import batch_order, iterate_batches, num_batches, token_budget_order
 from diffurec.data.sequences import SequenceData, eval_examples, train_examples
 from diffurec.errors import DiffuRecError
 from diffurec.metrics import RankingMetrics, target_ranks
@@ -173,11 +173,23 @@ def evaluate_sums(model: nn.Module, data: SequenceData, split: str, cfg: Config,
     if len(end) == 0:
         return RankingMetrics().sums, 0
     pad_to = cfg.max_len if cfg.attend_to_padding else None
-    bar = progress_bar(num_batches(len(end), cfg.eval_batch_size), f"eval {split}", progress)
-    batches = iterate_batches(data.items, start, end, cfg.eval_batch_size, pad_to=pad_to)
+    order = eval_batch_order(end - start, cfg)
+    bar = progress_bar(len(order), f"eval {split}", progress)
+    batches = iterate_batches(data.items, start, end, cfg.eval_batch_size, pad_to=pad_to, order=order)
     metrics = rank_batches(model, batches, cfg, device, reverse_steps=reverse_steps, on_batch=bar.update)
     bar.close()
     return metrics.sums, metrics.count
+
+
+SCORE_ROWS = 256  # users scored against all items at once
+
+
+def eval_batch_order(lengths: np.ndarray, cfg: Config) -> list[np.ndarray]:
+    """The evaluation batches' indices: by token budget, or ``eval_batch_size`` users each."""
+    if cfg.eval_batch_tokens == 0:
+        return batch_order(lengths, cfg.eval_batch_size, rng=None)
+    pad_to = cfg.max_len if cfg.attend_to_padding else None
+    return token_budget_order(lengths, cfg.eval_batch_size, cfg.eval_batch_tokens, pad_to)
 
 
 @torch.no_grad()
@@ -196,12 +208,16 @@ def rank_batches(model: nn.Module, batches: Iterable[dict], cfg: Config, device:
         for batch in batches:
             history = batch["history"].to(device)
             target = batch["target"].to(device)
-            scores = None
-            for _ in range(cfg.reverse_samples):
-                s = model.score(model.predict(history, **kwargs), items).float()
-                scores = s if scores is None else scores + s
-            exclude = history if cfg.exclude_history else None
-            metrics.update(target_ranks(scores, target, exclude))
+            reps = [model.predict(history, **kwargs) for _ in range(cfg.reverse_samples)]
+            # score and rank SCORE_ROWS users at a time: a token-budget batch of short histories
+            # holds up to thousands of users, whose [users, items] scores would leave the cache
+            for rows in (slice(i, i + SCORE_ROWS) for i in range(0, len(target), SCORE_ROWS)):
+                scores = None
+                for rep in reps:
+                    s = model.score(rep[rows], items).float()
+                    scores = s if scores is None else scores + s
+                exclude = history[rows] if cfg.exclude_history else None
+                metrics.update(target_ranks(scores, target[rows], exclude))
             if on_batch is not None:
                 on_batch(1)
     return metrics

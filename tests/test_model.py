@@ -3,13 +3,19 @@ import pytest
 import torch
 
 from diffurec.config import Config
-from diffurec.data.batches import BUCKET_WINDOW, iterate_batches, iterate_window_batches, pad_histories
+from diffurec.data.batches import (
+    BUCKET_WINDOW,
+    iterate_batches,
+    iterate_window_batches,
+    pad_histories,
+    token_budget_order,
+)
 from diffurec.data.sequences import eval_examples, sequence_data_from_tables, train_examples
 from diffurec.data.split import split_log
 from diffurec.data.synthetic import generate_synthetic_log
 from diffurec.metrics import RankingMetrics, target_ranks
 from diffurec.models import build_model
-from diffurec.training import bucketing_rng, fit, load_checkpoint
+from diffurec.training import bucketing_rng, evaluate, fit, load_checkpoint
 from diffurec.training import test_best as evaluate_best
 
 TINY = ["hidden_size=32", "num_blocks=2", "num_heads=2", "max_len=20", "diffusion_steps=8", "reverse_steps=8",
@@ -95,6 +101,43 @@ def test_reverse_steps_fewer_steps_and_averaged_samples(data):
         calls.clear()
         out = net.predict(history, reverse_steps=S)
         assert out.shape == (2, 32) and len(calls) == S
+
+
+def test_token_budget_batches_cover_every_user_once_within_budget():
+    # many short histories, a spread, and a block at the length cap
+    lengths = np.concatenate([np.full(3000, 2), np.random.default_rng(0).integers(1, 51, size=2000), np.full(300, 50)])
+    for max_users, max_tokens, pad_to in [(2048, 6144, None), (100, 6144, None), (2048, 30, None),
+                                          (2048, 6144, 50)]:
+        batches = token_budget_order(lengths, max_users, max_tokens, pad_to)
+        assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(len(lengths)))
+        padded = [max(int(lengths[b].max()), pad_to or 0) for b in batches]
+        assert padded == sorted(padded)  # ascending lengths: each batch pads only to its own longest
+        for b, L in zip(batches, padded):
+            assert 1 <= len(b) <= max_users
+            assert len(b) == 1 or len(b) * L <= max_tokens
+        sizes = [len(b) for b in batches]
+        assert sum(sizes) == len(lengths)
+    # short histories share big batches, long ones small ones
+    batches = token_budget_order(lengths, 2048, 6144)
+    assert len(batches[0]) == 2048
+    assert max(len(b) for b in batches if lengths[b].max() == 50) == 6144 // 50
+
+
+@pytest.mark.parametrize("model", ["diffurec", "sasrec"])
+def test_evaluation_metrics_do_not_depend_on_the_batching(data, model):
+    """Token-budget batches (several sizes), fixed batches, and scoring in row chunks all give
+    the same metrics when the reverse process draws nothing."""
+    torch.manual_seed(0)
+    cfg = tiny(f"model={model}", "deterministic_reverse=true", "lambda_std=0")
+    net = build_model(cfg, data.num_items).eval()
+    results = [evaluate(net, data, "valid", cfg.with_overrides(sets), torch.device("cpu"))
+               for sets in ({"eval_batch_tokens": 0, "eval_batch_size": 1000},
+                            {"eval_batch_tokens": 0, "eval_batch_size": 7},
+                            {"eval_batch_tokens": 40, "eval_batch_size": 2048},
+                            {"eval_batch_tokens": 6144, "eval_batch_size": 2048})]
+    for got in results[1:]:
+        assert got == pytest.approx(results[0], abs=1e-9)
+    assert results[0]["HR@20"] > 0
 
 
 def popularity_metrics(data):
