@@ -123,12 +123,12 @@ def test_token_budget_batches_cover_every_user_once_within_budget():
     assert max(len(b) for b in batches if lengths[b].max() == 50) == 6144 // 50
 
 
-@pytest.mark.parametrize("model", ["diffurec", "sasrec"])
-def test_evaluation_metrics_do_not_depend_on_the_batching(data, model):
+@pytest.mark.parametrize("model,exclude_history", [("diffurec", False), ("diffurec", True), ("sasrec", False)])
+def test_evaluation_metrics_do_not_depend_on_the_batching(data, model, exclude_history):
     """Token-budget batches (several sizes), fixed batches, and scoring in row chunks all give
     the same metrics when the reverse process draws nothing."""
     torch.manual_seed(0)
-    cfg = tiny(f"model={model}", "deterministic_reverse=true", "lambda_std=0")
+    cfg = tiny(f"model={model}", "deterministic_reverse=true", "lambda_std=0", f"exclude_history={exclude_history}")
     net = build_model(cfg, data.num_items).eval()
     results = [evaluate(net, data, "valid", cfg.with_overrides(sets), torch.device("cpu"))
                for sets in ({"eval_batch_tokens": 0, "eval_batch_size": 1000},
