@@ -35,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffurec.config import Config  # noqa: E402
-from diffurec.data.batches import iterate_batches  # noqa: E402
 from diffurec.data.sequences import eval_examples, load_sequences  # noqa: E402
 from diffurec.models import build_model  # noqa: E402
 from diffurec.training import (  # noqa: E402
     DDP_OPTIONS,
     eval_batch_order,
+    eval_batches,
     make_optimizer,
     rank_batches,
     train_epoch,
@@ -118,7 +118,7 @@ def _worker(rank: int, world: int, cfg: Config, data, args, threads: int, port: 
         net = model.module
         # as pipelines/train.py shards validation: every world-th user, then batched
         start, end = eval_sample(cfg, data, args.eval_users)
-        batches = eval_batches(cfg, data, start[rank::world], end[rank::world])
+        batches = list(eval_batches(data, start[rank::world], end[rank::world], cfg)[0])
         for steps in eval_reverse_steps(cfg):
             rank_batches(net, batches[:1], cfg, cpu, reverse_steps=steps)  # warm-up
             metrics, wall = timed(lambda s=steps: rank_batches(net, batches, cfg, cpu, reverse_steps=s))
@@ -164,13 +164,6 @@ def eval_sample(cfg: Config, data, users: int) -> tuple[np.ndarray, np.ndarray]:
     return ex.start[pick], ex.end[pick]
 
 
-def eval_batches(cfg: Config, data, start: np.ndarray, end: np.ndarray) -> list[dict]:
-    """The batches ``evaluate_sums`` would make of these users."""
-    pad_to = cfg.max_len if cfg.attend_to_padding else None
-    return list(iterate_batches(data.items, start, end, cfg.eval_batch_size, pad_to=pad_to,
-                                order=eval_batch_order(end - start, cfg)))
-
-
 def eval_reverse_steps(cfg: Config) -> list[int]:
     return [s for s in (32, 8, 4, 1) if s <= cfg.diffusion_steps] if cfg.model == "diffurec" else [1]
 
@@ -178,7 +171,7 @@ def eval_reverse_steps(cfg: Config) -> list[int]:
 def time_eval(cfg: Config, data, device, users: int, reverse_steps: int) -> float:
     torch.manual_seed(0)
     model = build_model(cfg, data.num_items).to(device).eval()
-    batches = eval_batches(cfg, data, *eval_sample(cfg, data, users))
+    batches = list(eval_batches(data, *eval_sample(cfg, data, users), cfg)[0])
     rank_batches(model, batches[:1], cfg, device, reverse_steps=reverse_steps)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()

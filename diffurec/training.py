@@ -12,7 +12,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +125,12 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer, device: to
             "samples_per_s": samples / seconds if seconds > 0 else 0.0}
 
 
+def pad_to(cfg: Config) -> int | None:
+    """The length every batch is padded to: max_len for the reference's attention to padding,
+    else None (each batch to its own longest history)."""
+    return cfg.max_len if cfg.attend_to_padding else None
+
+
 def bucketing_rng(seed: int, epoch: int) -> np.random.Generator:
     """The generator that shuffles and length-buckets an epoch's batches.
 
@@ -154,9 +160,8 @@ def training_batches(data: SequenceData, cfg: Config, epoch: int, *, shard: tupl
     global_batch = per_worker * world
     usable = (len(order) // global_batch) * global_batch if world > 1 else len(order)
     mine = order[:usable][rank::world]
-    pad_to = cfg.max_len if cfg.attend_to_padding else None
     batches = iterate_batches(data.items, ex.start[mine], ex.end[mine], per_worker,
-                              rng=bucketing_rng(cfg.seed, epoch), pad_to=pad_to)
+                              rng=bucketing_rng(cfg.seed, epoch), pad_to=pad_to(cfg))
     return batches, num_batches(len(mine), per_worker)
 
 
@@ -172,10 +177,8 @@ def evaluate_sums(model: nn.Module, data: SequenceData, split: str, cfg: Config,
         start, end = start[users], end[users]
     if len(end) == 0:
         return RankingMetrics().sums, 0
-    pad_to = cfg.max_len if cfg.attend_to_padding else None
-    order = eval_batch_order(end - start, cfg)
-    bar = progress_bar(len(order), f"eval {split}", progress)
-    batches = iterate_batches(data.items, start, end, cfg.eval_batch_size, pad_to=pad_to, order=order)
+    batches, count = eval_batches(data, start, end, cfg)
+    bar = progress_bar(count, f"eval {split}", progress)
     metrics = rank_batches(model, batches, cfg, device, reverse_steps=reverse_steps, on_batch=bar.update)
     bar.close()
     return metrics.sums, metrics.count
@@ -188,8 +191,13 @@ def eval_batch_order(lengths: np.ndarray, cfg: Config) -> list[np.ndarray]:
     """The evaluation batches' indices: by token budget, or ``eval_batch_size`` users each."""
     if cfg.eval_batch_tokens == 0:
         return batch_order(lengths, cfg.eval_batch_size, rng=None)
-    pad_to = cfg.max_len if cfg.attend_to_padding else None
-    return token_budget_order(lengths, cfg.eval_batch_size, cfg.eval_batch_tokens, pad_to)
+    return token_budget_order(lengths, cfg.eval_batch_size, cfg.eval_batch_tokens, pad_to(cfg))
+
+
+def eval_batches(data: SequenceData, start: np.ndarray, end: np.ndarray, cfg: Config) -> tuple[Iterator[dict], int]:
+    """The evaluation batches of these users (``start``/``end`` into ``data.items``), and their count."""
+    order = eval_batch_order(end - start, cfg)
+    return iterate_batches(data.items, start, end, cfg.eval_batch_size, pad_to=pad_to(cfg), order=order), len(order)
 
 
 @torch.no_grad()

@@ -216,6 +216,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         evaluate_sums,
         fit,
         load_checkpoint,
+        pad_to,
         seed_everything,
         test_best,
         unwrap,
@@ -237,7 +238,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rows_per_worker = len(train_examples(data, cfg.max_len)) // world
     steps = num_batches(rows_per_worker, per_worker)
     shard = ray.train.get_dataset_shard(DATASET_NAME)
-    pad_to = cfg.max_len if cfg.attend_to_padding else None
+    padded_to = pad_to(cfg)
 
     # ---- restore -----------------------------------------------------------------------------
     run_dir = Path(tempfile.mkdtemp(prefix=f"diffurec-rank{rank}-"))
@@ -285,7 +286,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 batch_size=per_worker * BUCKET_WINDOW, batch_format="numpy", prefetch_batches=1))
             produced = 0
             for produced, batch in enumerate(iterate_window_batches(
-                    data.items, windows, per_worker, rng=rng, pad_to=pad_to, max_batches=steps), 1):
+                    data.items, windows, per_worker, rng=rng, pad_to=padded_to, max_batches=steps), 1):
                 if status_dir:
                     _write_status(status_dir, rank=rank, epoch=epoch, step=produced, resumed_from=resumed_epoch)
                 yield batch
