@@ -1,26 +1,89 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 5 minutes of device time): throughput on the GPU with bf16, GPU
-# utilisation while training, and a 1-worker Ray Train epoch. Installs nothing beyond the device
-# image; run from the repository root with the shared Beauty log beside it (../shared) or with
-# DATA=/path/to/prepared-or-raw-log. Figures go to stdout and to $OUT (if set).
+# One prepared GPU check (about 5 minutes of device time). Run from the repository root:
+#   1. gpu_profile.py: training samples/s, NVML utilisation and profiler kernel time at batch
+#      sizes 512..8192 (bf16 autocast, the default on CUDA);
+#   2. throughput.py at the reference hyper-parameters (batch 512), then at batch 4096 with
+#      evaluation in fixed 4096-user batches;
+#   3. a 1-worker Ray Train run of pipelines/train.py on the GPU (2 epochs), GPU utilisation
+#      sampled by nvidia-smi meanwhile.
+# Installs nothing. Ray and MLflow are not in a bare GPU image: if WHEELS (default .gpu/whl)
+# holds their wheels they are unpacked into /tmp/site for step 3 (MLflow's file store then
+# tracks the run: no SQLAlchemy needed); without them step 3 is skipped and says so.
+# DATA: a prepared dataset or raw log (default ../shared's Beauty). DEVICE=cpu dry-runs the
+# script on a machine without a GPU. Figures go to stdout and to $OUT (at most 8 files).
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_check}"; mkdir -p "$OUT"
 DATA="${DATA:-../shared/datasets/beauty/interactions.parquet}"
+DEVICE="${DEVICE:-cuda}"
+WHEELS="${WHEELS:-.gpu/whl}"
+SECONDS_PER_SIZE="${SECONDS_PER_SIZE:-6}"
 PY="${PYTHON:-python3}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-$PY -c "import torch, ray; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'ray', ray.__version__)" | tee -a "$OUT/gpu.txt"
+export PYTHONUNBUFFERED=1
 
-# utilisation sampled every 200 ms while the benchmark runs
-nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -lms 200 > "$OUT/util.csv" &
-SMI=$!
-timeout 240 $PY benchmarks/throughput.py --data "$DATA" --device cuda --threads 8 --batches 400 \
-    --eval-users 8192 --set batch_size=4096 --set eval_batch_size=4096 | tee "$OUT/throughput_bs4096.json"
-timeout 120 $PY benchmarks/throughput.py --data "$DATA" --device cuda --threads 8 --batches 400 \
-    --eval-users 8192 | tee "$OUT/throughput_bs512.json"
-kill $SMI 2>/dev/null
-awk -F, '$1 > 0 {s += $1; n++} END {if (n) printf "gpu utilisation while busy: mean %.1f%% over %d samples\n", s / n, n}' "$OUT/util.csv" | tee "$OUT/util_summary.txt"
+if [ -d "$WHEELS" ]; then  # unpack while the GPU steps run
+    ( $PY - "$WHEELS" /tmp/site <<'EOF'
+import glob, os, stat, sys, zipfile
+src, site = sys.argv[1], sys.argv[2]
+for wheel in sorted(glob.glob(os.path.join(src, "*"))):
+    zipfile.ZipFile(wheel).extractall(site)
+for binary in ("ray/core/src/ray/raylet/raylet", "ray/core/src/ray/gcs/gcs_server"):
+    path = os.path.join(site, binary)
+    if os.path.exists(path):
+        os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+EOF
+    ) > "$OUT/unpack.log" 2>&1 &
+    UNPACK=$!
+fi
 
-# one epoch of Ray Train on one GPU worker (bf16 autocast is the default on CUDA)
-$PY -m diffurec split --data "$DATA" --out "$OUT/beauty" >/dev/null 2>&1 || true
-RAY_AUTH_MODE=disabled timeout 240 $PY pipelines/train.py --data "$OUT/beauty" --num-workers 1 --use-gpu \
-    --set epochs=1 --set batch_size=4096 --mlflow-uri "sqlite:///$OUT/mlflow.db" 2>"$OUT/train.err" | tail -1 | tee "$OUT/ray_train.json"
+echo "== machine"
+if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+fi
+$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+echo "== 1. training by batch size (gpu_profile.py)"
+timeout 200 $PY benchmarks/gpu_profile.py --data "$DATA" --device "$DEVICE" \
+    --batch-sizes "${BATCH_SIZES:-512,1024,2048,4096,8192}" --seconds "$SECONDS_PER_SIZE" | tee "$OUT/profile.jsonl"
+
+echo "== 2a. throughput.py, reference hyper-parameters (batch 512)"
+timeout 150 $PY benchmarks/throughput.py --data "$DATA" --device "$DEVICE" --threads 8 \
+    --batches "${BATCHES:-200}" --eval-users 8192 | tee "$OUT/throughput.jsonl"
+echo "== 2b. throughput.py, batch 4096, evaluation in 4096-user batches"
+timeout 150 $PY benchmarks/throughput.py --data "$DATA" --device "$DEVICE" --threads 8 \
+    --batches "${BATCHES:-200}" --eval-users 8192 --set batch_size=4096 \
+    --set eval_batch_tokens=0 --set eval_batch_size=4096 | tee -a "$OUT/throughput.jsonl"
+
+echo "== 3. Ray Train, 1 worker, 2 epochs"
+if [ -n "${UNPACK:-}" ]; then
+    wait "$UNPACK" || { echo "unpacking $WHEELS failed:"; tail -5 "$OUT/unpack.log"; }
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! $PY -c "import ray, mlflow" 2>/dev/null; then
+    echo "skipped: ray and mlflow are not importable (no wheels in $WHEELS)"
+    exit 0
+fi
+RUN=/tmp/gpu_check_ray; rm -rf "$RUN"; mkdir -p "$RUN"
+GPU_FLAG=(); [ "$DEVICE" = cuda ] && GPU_FLAG=(--use-gpu)
+if [ "$DEVICE" = cuda ]; then
+    nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 100 > "$RUN/util.csv" &
+    SMI=$!
+fi
+began=$(date +%s)
+# a throwaway single-machine cluster: token auth off; MLflow's file store (no SQLAlchemy here)
+RAY_AUTH_MODE=disabled MLFLOW_ALLOW_FILE_STORE=true timeout 300 $PY pipelines/train.py --data "$DATA" \
+    --num-workers 1 "${GPU_FLAG[@]}" --set epochs="${RAY_EPOCHS:-2}" --set output_dir="$RUN" \
+    --storage-path "$RUN/ray" --mlflow-uri "file://$RUN/mlruns" --no-log-model \
+    > "$OUT/ray_train.json" 2> "$RUN/train.err"
+status=$?
+echo "exit $status after $(( $(date +%s) - began )) s"
+[ -n "${SMI:-}" ] && kill "$SMI" 2>/dev/null
+cat "$OUT/ray_train.json"
+[ "$status" -ne 0 ] && grep -E "Error|error" "$RUN/train.err" | tail -20 | tee "$OUT/ray_train_err.txt"
+if [ -s "$RUN/util.csv" ]; then
+    # the busy stretch: from the first sample above 10% to the last
+    awk '{u[NR] = $1} END {for (i = 1; i <= NR; i++) if (u[i] > 10) {if (!a) a = i; b = i}
+         for (i = a; i <= b; i++) s += u[i]; if (b) printf "ray run: %d util samples; busy stretch %d samples (%.1f s), mean %.1f%%\n", NR, b - a + 1, (b - a + 1) / 10, s / (b - a + 1)}' \
+        "$RUN/util.csv" | tee "$OUT/ray_util.txt"
+fi
+echo "train samples/s by epoch (MLflow: timestamp value step):"
+find "$RUN/mlruns" -path "*metrics*" -name "samples_per_s" -path "*train*" -exec cat {} \; 2>/dev/null
