@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU check (about 5 minutes of device time). Run from the repository root:
+#   0. the GPU-only test: CUDA-graph steps against eager steps (tests/test_cuda_graphs.py);
 #   1. gpu_profile.py: training samples/s, NVML utilisation and profiler kernel time at batch
-#      sizes 512..8192 (bf16 autocast, the default on CUDA);
+#      sizes 512..8192 (bf16 autocast, the default on CUDA), with CUDA graphs (the default) and,
+#      in the same run, without them (cuda_graphs=false);
 #   2. throughput.py at the reference hyper-parameters (batch 512), then at batch 4096 with
 #      evaluation in fixed 4096-user batches;
 #   3. a 1-worker Ray Train run of pipelines/train.py on the GPU (2 epochs), GPU utilisation
@@ -41,9 +43,16 @@ if [ "$DEVICE" = cuda ]; then
 fi
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 
-echo "== 1. training by batch size (gpu_profile.py)"
+if [ "$DEVICE" = cuda ]; then
+    echo "== 0. GPU test"
+    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tail -15
+fi
+
+echo "== 1. training by batch size (gpu_profile.py), CUDA graphs on, then off"
 timeout 200 $PY benchmarks/gpu_profile.py --data "$DATA" --device "$DEVICE" \
-    --batch-sizes "${BATCH_SIZES:-512,1024,2048,4096,8192}" --seconds "$SECONDS_PER_SIZE" | tee "$OUT/profile.jsonl"
+    --batch-sizes "${BATCH_SIZES:-512,2048,8192}" --seconds "$SECONDS_PER_SIZE" | tee "$OUT/profile.jsonl"
+timeout 120 $PY benchmarks/gpu_profile.py --data "$DATA" --device "$DEVICE" --set cuda_graphs=false \
+    --batch-sizes "${EAGER_BATCH_SIZES:-512,8192}" --seconds "$SECONDS_PER_SIZE" | tee -a "$OUT/profile.jsonl"
 
 echo "== 2a. throughput.py, reference hyper-parameters (batch 512)"
 timeout 150 $PY benchmarks/throughput.py --data "$DATA" --device "$DEVICE" --threads 8 \

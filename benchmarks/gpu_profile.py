@@ -77,13 +77,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def profile_steps(model, batches, optimizer, device, precision: str, top: int) -> dict:
+def profile_steps(model, batches, optimizer, graphs, device, precision: str, top: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     sync(device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         began = time.perf_counter()
-        train_epoch(model, batches, optimizer, device, precision=precision)
+        train_epoch(model, batches, optimizer, device, precision=precision, graphs=graphs)
         sync(device)
         wall = time.perf_counter() - began
     events = prof.events()
@@ -103,23 +103,25 @@ def profile_steps(model, batches, optimizer, device, precision: str, top: int) -
 
 
 def measure(cfg: Config, data, device, seconds: float, profile_steps_n: int, top: int) -> dict:
-    model, optimizer, stream = warmed_up_training(cfg, data, device, batches=10**9)
+    # on a GPU the warm-up is a whole epoch: every shape's plans and graph are built before timing
+    model, optimizer, graphs, stream = warmed_up_training(cfg, data, device, batches=10**9)
     sync(device)
     samples, began = 0, time.perf_counter()
     with UtilSampler(device) as util:
         for batch in itertools.cycle(stream):
-            train_epoch(model, [batch], optimizer, device, precision=cfg.precision)
+            train_epoch(model, [batch], optimizer, device, precision=cfg.precision, graphs=graphs)
             samples += len(batch["target"])
             if time.perf_counter() - began >= seconds:
                 break
         sync(device)
         wall = time.perf_counter() - began
-    out = {"batch_size": cfg.batch_size, "steps_per_epoch": len(stream) + 3,
+    out = {"batch_size": cfg.batch_size, "cuda_graphs": None if graphs is None else len(graphs.graphs),
+           "capture_failed": None if graphs is None else graphs.failed, "steps_per_epoch": len(stream) + 3,
            "samples_per_s": round(samples / wall, 1), "gpu_util_mean": util.mean()}
     if profile_steps_n and device.type == "cuda":
         out["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         try:
-            out.update(profile_steps(model, stream[:profile_steps_n], optimizer, device, cfg.precision, top))
+            out.update(profile_steps(model, stream[:profile_steps_n], optimizer, graphs, device, cfg.precision, top))
         except Exception as exc:  # the throughput figure above still counts
             out["profile_error"] = repr(exc)
     return out

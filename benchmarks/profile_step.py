@@ -51,7 +51,7 @@ def main() -> None:
     data, source = load_data(args.data)
     cfg = Config().with_sets(args.set or [])
     device = torch.device("cpu")
-    model, optimizer, timed = warmed_up_training(cfg, data, device, args.batches)
+    model, optimizer, _, timed = warmed_up_training(cfg, data, device, args.batches)
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         began = time.perf_counter()

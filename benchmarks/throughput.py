@@ -41,6 +41,7 @@ from diffurec.training import (  # noqa: E402
     DDP_OPTIONS,
     eval_batch_order,
     eval_batches,
+    graphed_step,
     make_optimizer,
     rank_batches,
     train_epoch,
@@ -65,8 +66,11 @@ def load_data(path: str | None):
 
 def warmed_up_training(cfg: Config, data, device, batches: int, warmup: int = 3, *,
                        shard: tuple[int, int] = (0, 1), wrap=None):
-    """A seeded model and optimizer after ``warmup`` steps, and the next ``batches`` real
-    batches of epoch 1 to time (what this script and ``profile_step.py`` measure).
+    """A seeded model, its optimizer and CUDA-graph step (None off the GPU) after ``warmup``
+    steps, and the next ``batches`` real batches of epoch 1 to time (what this script,
+    ``profile_step.py`` and ``gpu_profile.py`` measure). On a GPU the warm-up is one pass over
+    the timed batches themselves: each new shape's first steps build cuDNN plans and capture its
+    graph, a one-off cost per run that would otherwise be timed as if it recurred every epoch.
 
     ``shard`` (rank, world) with ``wrap`` (e.g. DDP): one worker's share, at batch_size / world.
     """
@@ -75,17 +79,19 @@ def warmed_up_training(cfg: Config, data, device, batches: int, warmup: int = 3,
     if wrap is not None:
         model = wrap(model)
     optimizer = make_optimizer(model, cfg)
+    graphs = graphed_step(model, optimizer, device, cfg)
     stream, _ = training_batches(data, cfg, epoch=1, shard=shard, batch_size=cfg.batch_size // shard[1])
     stream = list(itertools.islice(stream, warmup + batches))
-    train_epoch(model, stream[:warmup], optimizer, device, precision=cfg.precision)
-    return model, optimizer, stream[warmup:]
+    first = stream if device.type == "cuda" else stream[:warmup]
+    train_epoch(model, first, optimizer, device, precision=cfg.precision, graphs=graphs)
+    return model, optimizer, graphs, stream[warmup:]
 
 
 def time_training(cfg: Config, data, device, batches: int, warmup: int = 3) -> float:
-    model, optimizer, timed = warmed_up_training(cfg, data, device, batches, warmup)
+    model, optimizer, graphs, timed = warmed_up_training(cfg, data, device, batches, warmup)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    stats = train_epoch(model, timed, optimizer, device, precision=cfg.precision)
+    stats = train_epoch(model, timed, optimizer, device, precision=cfg.precision, graphs=graphs)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return stats["samples_per_s"]
@@ -109,7 +115,7 @@ def _worker(rank: int, world: int, cfg: Config, data, args, threads: int, port: 
         return out, time.perf_counter() - began
 
     try:
-        model, optimizer, stream = warmed_up_training(
+        model, optimizer, _, stream = warmed_up_training(
             cfg, data, cpu, args.batches, shard=(rank, world),
             wrap=lambda m: DistributedDataParallel(m, **DDP_OPTIONS))
         stats, wall = timed(lambda: train_epoch(model, stream, optimizer, cpu, precision=cfg.precision))

@@ -24,6 +24,7 @@ from diffurec.config import Config
 from diffurec.data.batches import batch_order, iterate_batches, num_batches, token_budget_order
 from diffurec.data.sequences import SequenceData, eval_examples, train_examples
 from diffurec.errors import DiffuRecError
+from diffurec.graphs import GraphedTrainStep, eager_step, graphs_unusable
 from diffurec.metrics import RankingMetrics, target_ranks
 from diffurec.models import build_model
 
@@ -50,7 +51,10 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     # took 2 ms a step against 6-11 ms for the per-tensor and foreach loops
     devices = {p.device.type for p in model.parameters()}
     fused = devices <= {"cpu", "cuda"} or None
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    # capturable: Adam's step count stays on the GPU, so a CUDA graph can replay the update
+    capturable = cfg.cuda_graphs and devices == {"cuda"}
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused,
+                            capturable=capturable)
 
 
 # DistributedDataParallel options, for Ray Train's prepare_model and benchmarks/throughput.py:
@@ -81,9 +85,18 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
 
 
-def autocast(device: torch.device, precision: str = "auto"):
+def autocast(device: torch.device, precision: str = "auto", cache_enabled: bool = True):
     dtype = autocast_dtype(device, precision)
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None,
+                          cache_enabled=cache_enabled)
+
+
+def graphed_step(model: nn.Module, optimizer, device: torch.device, cfg: Config) -> GraphedTrainStep | None:
+    """The CUDA-graph training step (``diffurec.graphs``) where it is the same step, else None."""
+    if not cfg.cuda_graphs or graphs_unusable(model, device, cfg.lr_schedule) is not None:
+        return None
+    return GraphedTrainStep(model, optimizer, lambda **kw: autocast(device, cfg.precision, **kw),
+                            grad_clip=cfg.grad_clip, max_len=cfg.max_len)
 
 
 def progress_bar(total: int | None, desc: str, enabled: bool):
@@ -95,8 +108,10 @@ def progress_bar(total: int | None, desc: str, enabled: bool):
 
 # ---- one epoch --------------------------------------------------------------------------------
 def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer, device: torch.device, *,
-                scheduler=None, grad_clip: float = 0.0, progress=None, precision: str = "auto") -> dict:
-    """Forward, backward and optimizer step over ``batches``; returns loss and throughput."""
+                scheduler=None, grad_clip: float = 0.0, progress=None, precision: str = "auto",
+                graphs: GraphedTrainStep | None = None) -> dict:
+    """Forward, backward and optimizer step over ``batches``; returns loss and throughput.
+    ``graphs`` (see ``graphed_step``) replays the steps as CUDA graphs."""
     model.train()
     # the loss stays on the device: a .item() per step would stall a GPU every step
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -104,13 +119,10 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer, device: to
     for step, batch in enumerate(batches, 1):
         history = batch["history"].to(device, non_blocking=True)
         target = batch["target"].to(device, non_blocking=True)
-        with autocast(device, precision):
-            loss = model(history, target)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        if graphs is not None:
+            loss = graphs.step(history, target)
+        else:
+            loss = eager_step(model, optimizer, history, target, lambda: autocast(device, precision), grad_clip)
         if scheduler is not None:
             scheduler.step()
         n = len(target)
@@ -326,6 +338,7 @@ def fit(cfg: Config, data: SequenceData, run_dir: str | Path, *,
     evaluate_valid = evaluate_valid or (
         lambda m: evaluate(unwrap(m), data, "valid", cfg, device, reverse_steps=cfg.valid_reverse_steps or None,
                            progress=progress and is_main))
+    graphs = graphed_step(model, optimizer, device, cfg)
     state = LoopState()
     if resume_from is not None:
         unwrap(model).load_state_dict(resume_from["model"])
@@ -344,7 +357,7 @@ def fit(cfg: Config, data: SequenceData, run_dir: str | Path, *,
         batches, total = batches_for_epoch(epoch)
         bar = progress_bar(total, f"epoch {epoch}/{cfg.epochs}", progress and is_main)
         stats = train_epoch(model, batches, optimizer, device, scheduler=scheduler,
-                            grad_clip=cfg.grad_clip, progress=bar, precision=cfg.precision)
+                            grad_clip=cfg.grad_clip, progress=bar, precision=cfg.precision, graphs=graphs)
         bar.close()
         state.epoch = epoch
         state.seconds += stats["seconds"]
