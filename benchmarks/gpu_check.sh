@@ -2,11 +2,11 @@
 # One prepared GPU check (about 5 minutes of device time). Run from the repository root:
 #   0. the GPU-only test: CUDA-graph steps against eager steps (tests/test_cuda_graphs.py);
 #   1. gpu_profile.py: training samples/s, NVML utilisation and profiler kernel time at batch
-#      sizes 512..8192 (bf16 autocast, the default on CUDA), with CUDA graphs (the default) and,
-#      in the same run, without them (cuda_graphs=false);
-#   2. throughput.py at the reference hyper-parameters (batch 512), then at batch 4096 with
-#      evaluation in fixed 4096-user batches;
-#   3. a 1-worker Ray Train run of pipelines/train.py on the GPU (2 epochs), GPU utilisation
+#      sizes 512..8192 (bf16 autocast, the default on CUDA), with CUDA graphs (cuda_graphs=true)
+#      and, in the same run, without them (the default);
+#   2. throughput.py at the reference hyper-parameters (batch 512), eager and with CUDA graphs,
+#      then at batch 4096 with evaluation in fixed 4096-user batches;
+#   3. a 1-worker Ray Train run of pipelines/train.py on the GPU (2 epochs, CUDA graphs), GPU utilisation
 #      sampled by nvidia-smi meanwhile.
 # Installs nothing. Ray and MLflow are not in a bare GPU image: if WHEELS (default .gpu/whl)
 # holds their wheels they are unpacked into /tmp/site for step 3 (MLflow's file store then
@@ -49,20 +49,23 @@ if [ "$DEVICE" = cuda ]; then
 fi
 
 echo "== 1. training by batch size (gpu_profile.py), CUDA graphs on, then off"
-timeout 200 $PY benchmarks/gpu_profile.py --data "$DATA" --device "$DEVICE" \
+timeout 200 $PY benchmarks/gpu_profile.py --data "$DATA" --device "$DEVICE" --set cuda_graphs=true \
     --batch-sizes "${BATCH_SIZES:-512,2048,8192}" --seconds "$SECONDS_PER_SIZE" | tee "$OUT/profile.jsonl"
-timeout 120 $PY benchmarks/gpu_profile.py --data "$DATA" --device "$DEVICE" --set cuda_graphs=false \
+timeout 120 $PY benchmarks/gpu_profile.py --data "$DATA" --device "$DEVICE" \
     --batch-sizes "${EAGER_BATCH_SIZES:-512,8192}" --seconds "$SECONDS_PER_SIZE" | tee -a "$OUT/profile.jsonl"
 
 echo "== 2a. throughput.py, reference hyper-parameters (batch 512)"
 timeout 150 $PY benchmarks/throughput.py --data "$DATA" --device "$DEVICE" --threads 8 \
     --batches "${BATCHES:-200}" --eval-users 8192 | tee "$OUT/throughput.jsonl"
-echo "== 2b. throughput.py, batch 4096, evaluation in 4096-user batches"
+echo "== 2b. throughput.py, batch 512, CUDA graphs"
+timeout 150 $PY benchmarks/throughput.py --data "$DATA" --device "$DEVICE" --threads 8 \
+    --batches "${BATCHES:-200}" --eval-users 8192 --set cuda_graphs=true | tee -a "$OUT/throughput.jsonl"
+echo "== 2c. throughput.py, batch 4096, evaluation in 4096-user batches"
 timeout 150 $PY benchmarks/throughput.py --data "$DATA" --device "$DEVICE" --threads 8 \
     --batches "${BATCHES:-200}" --eval-users 8192 --set batch_size=4096 \
     --set eval_batch_tokens=0 --set eval_batch_size=4096 | tee -a "$OUT/throughput.jsonl"
 
-echo "== 3. Ray Train, 1 worker, 2 epochs"
+echo "== 3. Ray Train, 1 worker, 2 epochs, cuda_graphs=${RAY_CUDA_GRAPHS:-true}"
 if [ -n "${UNPACK:-}" ]; then
     wait "$UNPACK" || { echo "unpacking $WHEELS failed:"; tail -5 "$OUT/unpack.log"; }
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -81,6 +84,7 @@ began=$(date +%s)
 # a throwaway single-machine cluster: token auth off; MLflow's file store (no SQLAlchemy here)
 RAY_AUTH_MODE=disabled MLFLOW_ALLOW_FILE_STORE=true timeout 300 $PY pipelines/train.py --data "$DATA" \
     --num-workers 1 "${GPU_FLAG[@]}" --set epochs="${RAY_EPOCHS:-2}" --set output_dir="$RUN" \
+    --set cuda_graphs="${RAY_CUDA_GRAPHS:-true}" \
     --storage-path "$RUN/ray" --mlflow-uri "file://$RUN/mlruns" --no-log-model \
     > "$OUT/ray_train.json" 2> "$RUN/train.err"
 status=$?

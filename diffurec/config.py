@@ -82,8 +82,9 @@ class Config:
     device: str = "auto"
     # auto: bf16 autocast on GPU, fp32 on CPU (the reference numerics); bf16: autocast on CPU too
     precision: str = "auto"
-    # on a GPU, replay each training step as a CUDA graph (diffurec/graphs.py): speed only
-    cuda_graphs: bool = True
+    # on a GPU, replay each training step as a CUDA graph (diffurec/graphs.py): speed only.
+    # Off until benchmarks/gpu_check.sh has run it on a GPU (no GPU has yet: see docs/performance.md)
+    cuda_graphs: bool = False
     threads: int = 0  # 0 leaves torch's default
     output_dir: str = "outputs"
 

@@ -1,4 +1,5 @@
-"""The training step replayed as CUDA graphs.
+"""The training step replayed as CUDA graphs (config ``cuda_graphs``; off by default until it
+has run on a GPU: ``tests/test_cuda_graphs.py`` and ``benchmarks/gpu_check.sh`` check it there).
 
 On a GPU an eager step of this model launches about 400 small kernels whose launch cost, not
 their run time, sets the pace: on an H200 a batch-512 step took 20-30 ms of host time for

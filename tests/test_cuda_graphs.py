@@ -36,7 +36,8 @@ def test_graph_shapes_pad_to_multiples_of_8_within_max_len(max_len):
 
 
 def test_graphs_only_where_a_replay_is_the_same_step(data):
-    cfg = Config().with_sets(TINY)
+    assert not Config().cuda_graphs  # off until it has run on a GPU
+    cfg = Config().with_sets(TINY + ["cuda_graphs=true"])
     model = build_model(cfg, data.num_items)
     cuda = torch.device("cuda")  # the rules read the device type only
     assert graphs_unusable(model, cuda, "constant") is None
@@ -47,13 +48,16 @@ def test_graphs_only_where_a_replay_is_the_same_step(data):
     # on the CPU the loop keeps its eager step, and Adam its host-side step count
     assert graphed_step(model, make_optimizer(model, cfg), torch.device("cpu"), cfg) is None
     assert not make_optimizer(model, cfg).param_groups[0]["capturable"]
+    # and where graphs are off, nothing changes on a GPU either
+    off = Config().with_sets(TINY)
+    assert graphed_step(model, make_optimizer(model, off), cuda, off) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graphed_steps_match_eager_steps(data):
     """Every step seeded alike: the graphed run (eager warm-up, capture, replays) takes the
     same losses and ends at the same parameters as the eager run, in fp32."""
-    cfg = Config().with_sets(TINY + ["precision=fp32", "grad_clip=1.0"])
+    cfg = Config().with_sets(TINY + ["cuda_graphs=true", "precision=fp32", "grad_clip=1.0"])
     device = torch.device("cuda")
     torch.manual_seed(0)
     eager_model = build_model(cfg, data.num_items).to(device)
