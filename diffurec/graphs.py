@@ -117,7 +117,9 @@ class GraphedTrainStep:
         # zeroing; outside the graph .grad is left None
         self.optimizer.zero_grad(set_to_none=True)
         cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
+        # thread_local: another thread's CUDA call must not invalidate this capture (Ray Train sets
+        # up a process group, NCCL's watchdog thread included, even for one worker)
+        with torch.cuda.graph(cuda_graph, capture_error_mode="thread_local"):
             static_loss = eager_step(self.model, self.optimizer, static_history, static_target,
                                      lambda: self.autocast_region(cache_enabled=False), self.grad_clip)
         self.optimizer.zero_grad(set_to_none=True)
