@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 5 minutes of device time). Run from the repository root:
+# One prepared GPU check (about 6 minutes of device time, start-up aside). Run from the repository root:
 #   0. the GPU-only test: CUDA-graph steps against eager steps (tests/test_cuda_graphs.py);
 #   1. gpu_profile.py: training samples/s, NVML utilisation and profiler kernel time at batch
 #      sizes 512..8192 (bf16 autocast, the default on CUDA), with CUDA graphs (cuda_graphs=true)
