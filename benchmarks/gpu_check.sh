@@ -38,14 +38,17 @@ EOF
 fi
 
 echo "== machine"
-if [ "$DEVICE" = cuda ]; then
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-fi
-$PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+{
+    if [ "$DEVICE" = cuda ]; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    fi
+    $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+} | tee "$OUT/machine.txt"
 
 if [ "$DEVICE" = cuda ]; then
     echo "== 0. GPU test"
-    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py 2>&1 | tail -15
+    timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py > "$OUT/gpu_test.txt" 2>&1
+    tail -15 "$OUT/gpu_test.txt"
 fi
 
 echo "== 1. training by batch size (gpu_profile.py), CUDA graphs on, then off"
