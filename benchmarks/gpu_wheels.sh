@@ -9,7 +9,6 @@
 #   OUT=$OUT DATA=.gpu/beauty bash benchmarks/gpu_check.sh 2>&1
 set -euo pipefail
 cd "$(dirname "$0")/.."
-grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude
 PY="${PYTHON:-python3}"
 TMP=$(mktemp -d)
 download() {
