@@ -515,6 +515,7 @@ def test_runtime_env_excludes_data_and_outputs(tmp_path, runtime_env):
         "benchmarks/sample.parquet",
         ".git/HEAD",
         "diffurec/__pycache__/x.cpython-311.pyc",
+        ".gpu/whl/ray-2.60.0-slim.whl",
     ]
     for name in files:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
