@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from throughput import load_data, warmed_up_training  # noqa: E402
+from throughput import load_data, sync, warmed_up_training  # noqa: E402
 
 from diffurec.config import Config  # noqa: E402
 from diffurec.training import train_epoch  # noqa: E402
@@ -72,11 +72,6 @@ class UtilSampler:
         return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def profile_steps(model, batches, optimizer, graphs, device, precision: str, top: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -105,14 +100,19 @@ def profile_steps(model, batches, optimizer, graphs, device, precision: str, top
 def measure(cfg: Config, data, device, seconds: float, profile_steps_n: int, top: int) -> dict:
     # on a GPU the warm-up is a whole epoch: every shape's plans and graph are built before timing
     model, optimizer, graphs, stream = warmed_up_training(cfg, data, device, batches=10**9)
-    sync(device)
-    samples, began = 0, time.perf_counter()
-    with UtilSampler(device) as util:
+    def for_seconds():
+        # one train_epoch over the cycled batches: a call per step would read its loss back to
+        # the host, synchronising the GPU every step
         for batch in itertools.cycle(stream):
-            train_epoch(model, [batch], optimizer, device, precision=cfg.precision, graphs=graphs)
-            samples += len(batch["target"])
+            yield batch
             if time.perf_counter() - began >= seconds:
-                break
+                return
+
+    sync(device)
+    began = time.perf_counter()
+    with UtilSampler(device) as util:
+        samples = train_epoch(model, for_seconds(), optimizer, device, precision=cfg.precision,
+                              graphs=graphs)["samples"]
         sync(device)
         wall = time.perf_counter() - began
     out = {"batch_size": cfg.batch_size, "cuda_graphs": None if graphs is None else len(graphs.graphs),

@@ -87,14 +87,16 @@ def warmed_up_training(cfg: Config, data, device, batches: int, warmup: int = 3,
     return model, optimizer, graphs, stream[warmup:]
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so a wall-clock time covers it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_training(cfg: Config, data, device, batches: int, warmup: int = 3) -> float:
     model, optimizer, graphs, timed = warmed_up_training(cfg, data, device, batches, warmup)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    stats = train_epoch(model, timed, optimizer, device, precision=cfg.precision, graphs=graphs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return stats["samples_per_s"]
+    sync(device)
+    return train_epoch(model, timed, optimizer, device, precision=cfg.precision, graphs=graphs)["samples_per_s"]
 
 
 def _worker(rank: int, world: int, cfg: Config, data, args, threads: int, port: int, out_dir: str) -> None:
@@ -184,12 +186,10 @@ def time_eval(cfg: Config, data, device, users: int, reverse_steps: int) -> floa
         rank_batches(model, batches, cfg, device, reverse_steps=1)
     else:
         rank_batches(model, batches[:1], cfg, device, reverse_steps=reverse_steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     began = time.perf_counter()
     metrics = rank_batches(model, batches, cfg, device, reverse_steps=reverse_steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return metrics.count / (time.perf_counter() - began)
 
 

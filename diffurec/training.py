@@ -132,8 +132,10 @@ def train_epoch(model: nn.Module, batches: Iterable[dict], optimizer, device: to
             progress.update(1)
             if step % 20 == 0:
                 progress.set_postfix(loss=f"{loss_sum.item() / samples:.4f}", refresh=False)
+    # reading the loss waits for the GPU's queued steps, so the time covers their work too
+    loss = loss_sum.item() / max(samples, 1)
     seconds = time.perf_counter() - began
-    return {"loss": loss_sum.item() / max(samples, 1), "samples": samples, "seconds": seconds,
+    return {"loss": loss, "samples": samples, "seconds": seconds,
             "samples_per_s": samples / seconds if seconds > 0 else 0.0}
 
 
