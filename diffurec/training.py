@@ -27,6 +27,7 @@ from diffurec.errors import DiffuRecError
 from diffurec.graphs import GraphedTrainStep, eager_step, graphs_unusable
 from diffurec.metrics import RankingMetrics, target_ranks
 from diffurec.models import build_model
+from diffurec.models.approximator import packed_weights
 
 SELECTION_METRIC = "NDCG@10"
 
@@ -225,8 +226,9 @@ def rank_batches(model: nn.Module, batches: Iterable[dict], cfg: Config, device:
     # one autocast region for the whole pass: it caches the bf16 casts of the weights it casts
     # (on CPU the Transformer's fused linears cast their own, per call: caching those measured
     # 1.01x), and the item matrix is cast once here (a slice, which autocast would cast every batch)
-    items = model.item_matrix(autocast_dtype(device, cfg.precision))
-    with autocast(device, cfg.precision):
+    dtype = autocast_dtype(device, cfg.precision)
+    items = model.item_matrix(dtype)
+    with autocast(device, cfg.precision), packed_weights(model, dtype):
         for batch in batches:
             history = batch["history"].to(device)
             target = batch["target"].to(device)

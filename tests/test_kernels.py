@@ -143,3 +143,24 @@ def test_fused_inference_linear_matches_plain_path(monkeypatch):
     assert approximator._fusable(x) is None
     with torch.no_grad():
         assert approximator._fusable(x) is None
+
+
+@pytest.mark.skipif(not approximator._HAS_FUSED_LINEAR, reason="this torch build has no oneDNN fused linear")
+def test_packed_weights_give_the_same_outputs_and_are_dropped_on_exit():
+    torch.manual_seed(0)
+    stack = approximator.TransformerStack(hidden=32, heads=4, blocks=2, dropout=0.1).eval()
+    x = torch.randn(6, 5, 32)
+    linears = [m for m in stack.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = stack(x, None)
+        with approximator.packed_weights(stack, torch.bfloat16, rows=4):
+            assert all("_packed" in layer.__dict__ for layer in linears)
+            packed = stack(x, None)
+    assert torch.equal(packed, plain)
+    assert not any("_packed" in layer.__dict__ for layer in linears)
+    # a failure inside the block drops them too, and float32 packs nothing
+    with pytest.raises(ValueError), approximator.packed_weights(stack, torch.bfloat16):
+        raise ValueError
+    assert not any("_packed" in layer.__dict__ for layer in linears)
+    with approximator.packed_weights(stack, None):
+        assert not any("_packed" in layer.__dict__ for layer in linears)
