@@ -228,7 +228,7 @@ def rank_batches(model: nn.Module, batches: Iterable[dict], cfg: Config, device:
     # 1.01x), and the item matrix is cast once here (a slice, which autocast would cast every batch)
     dtype = autocast_dtype(device, cfg.precision)
     items = model.item_matrix(dtype)
-    with autocast(device, cfg.precision), packed_weights(model, dtype):
+    with autocast(device, cfg.precision), packed_weights(model, dtype or torch.float32):
         for batch in batches:
             history = batch["history"].to(device)
             target = batch["target"].to(device)

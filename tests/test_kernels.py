@@ -138,29 +138,45 @@ def test_fused_inference_linear_matches_plain_path(monkeypatch):
     # both round to bf16 at the same points; the fused op keeps the pre-GELU sum in float32
     torch.testing.assert_close(fused.float(), plain.float(), atol=3e-2, rtol=3e-2)
     assert (fused.float() - plain.float()).abs().mean() < 2e-3
-    # training (an autograd graph) and float32 always take the plain path
+    # float32 inference is fused too, and agrees to float32 rounding (another summation order)
+    monkeypatch.setattr(approximator, "_HAS_FUSED_LINEAR", True)
+    with torch.no_grad():
+        assert approximator._fusable(x) == torch.float32
+        fused32 = block(x, mask, last_only=True)
+        monkeypatch.setattr(approximator, "_HAS_FUSED_LINEAR", False)
+        plain32 = block(x, mask, last_only=True)
+    torch.testing.assert_close(fused32, plain32, atol=1e-5, rtol=1e-5)
+    # training (an autograd graph) always takes the plain path
     monkeypatch.setattr(approximator, "_HAS_FUSED_LINEAR", True)
     assert approximator._fusable(x) is None
-    with torch.no_grad():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         assert approximator._fusable(x) is None
 
 
 @pytest.mark.skipif(not approximator._HAS_FUSED_LINEAR, reason="this torch build has no oneDNN fused linear")
-def test_packed_weights_give_the_same_outputs_and_are_dropped_on_exit():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_weights_give_the_same_outputs_and_are_dropped_on_exit(dtype):
     torch.manual_seed(0)
     stack = approximator.TransformerStack(hidden=32, heads=4, blocks=2, dropout=0.1).eval()
     x = torch.randn(6, 5, 32)
     linears = [m for m in stack.modules() if isinstance(m, torch.nn.Linear)]
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    region = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with torch.no_grad(), region:
         plain = stack(x, None)
-        with approximator.packed_weights(stack, torch.bfloat16, rows=4):
-            assert all("_packed" in layer.__dict__ for layer in linears)
+        with approximator.packed_weights(stack, dtype, rows=4):
+            assert all(layer.__dict__["_packed"][0] == dtype for layer in linears)
             packed = stack(x, None)
-    assert torch.equal(packed, plain)
+    assert packed.dtype == plain.dtype
+    torch.testing.assert_close(packed, plain, atol=1e-6, rtol=1e-6)
     assert not any("_packed" in layer.__dict__ for layer in linears)
-    # a failure inside the block drops them too, and float32 packs nothing
-    with pytest.raises(ValueError), approximator.packed_weights(stack, torch.bfloat16):
+    # a failure inside the block drops them too; other dtypes pack nothing
+    with pytest.raises(ValueError), approximator.packed_weights(stack, dtype):
         raise ValueError
     assert not any("_packed" in layer.__dict__ for layer in linears)
-    with approximator.packed_weights(stack, None):
+    with approximator.packed_weights(stack, torch.float16):
         assert not any("_packed" in layer.__dict__ for layer in linears)
+    # weights packed for another dtype are not used: bf16 copies under float32 inference
+    with torch.no_grad():
+        unpacked = stack(x, None)
+        with approximator.packed_weights(stack, torch.bfloat16):
+            assert torch.equal(stack(x, None), unpacked)

@@ -67,14 +67,15 @@ def _fusable(x: torch.Tensor) -> torch.dtype | None:
     """The dtype a fused oneDNN linear runs in here, or None where the plain path is used.
 
     Only inference (no autograd graph: the fused op has no backward), on CPU, in bf16 (own or
-    autocast), where it was measured to pay. In training, a bias-only fused forward with a
-    written-out backward ran at 0.97x the plain path (6 interleaved 30-batch rounds), so
-    training keeps ``addmm``.
+    autocast) or float32, where it was measured to pay: float32 S=8 evaluation ran at 1.12x
+    ``addmm`` (8 paired passes, with ``packed_weights``). In training, a bias-only fused
+    forward with a written-out backward ran at 0.97x the plain path (6 interleaved 30-batch
+    rounds), so training keeps ``addmm``.
     """
     if x.device.type != "cpu" or torch.is_grad_enabled() or not _HAS_FUSED_LINEAR:
         return None
     dtype = compute_dtype(x)
-    return dtype if dtype == torch.bfloat16 else None
+    return dtype if dtype in (torch.bfloat16, torch.float32) else None
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
@@ -92,8 +93,8 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
         y = layer(x)
         return F.gelu(y) if gelu else y
     packed = layer.__dict__.get("_packed")
-    if packed is not None:
-        weight, bias = packed
+    if packed is not None and packed[0] == dtype:
+        _, weight, bias = packed
     else:
         weight = layer.weight.to(dtype)
         bias = None if layer.bias is None else layer.bias.to(dtype)
@@ -103,24 +104,26 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
 
 @contextlib.contextmanager
 def packed_weights(model: nn.Module, dtype: torch.dtype | None, rows: int = 4096):
-    """Within this block, the Transformer linears of ``model`` use bf16 weights reordered once
-    into oneDNN's blocked layout, for CPU bf16 inference (``linear``).
+    """Within this block, the Transformer linears of ``model`` use ``dtype`` (bf16 or float32)
+    weights reordered once into oneDNN's blocked layout, for CPU inference (``linear``).
 
-    Otherwise each call casts its weight and bias to bf16 and oneDNN reorders the weight
-    again. [6144, 128] -> 512 with GELU took 2.51 against 2.67 ms, 512 -> 128 1.79 against
-    1.85 ms (2 threads, medians of 40); the results are bitwise the same, for any number of
-    rows (``rows`` only hints the layout). The copies are dropped on exit, so a model trained
-    afterwards never reads stale weights. Does nothing off the CPU, outside bf16, or where
+    Otherwise each call casts its weight and bias and oneDNN reorders the weight again. In
+    bf16, [6144, 128] -> 512 with GELU took 2.51 against 2.67 ms, 512 -> 128 1.79 against
+    1.85 ms (2 threads, medians of 40); in float32, 128 -> 512 3.85 against 4.05 ms
+    (``addmm``: 4.58). The results are the same for any number of rows (``rows`` only hints
+    the layout). The copies are dropped on exit, so a model trained
+    afterwards never reads stale weights. Does nothing off the CPU, in other dtypes, or where
     oneDNN's fused linear is missing.
     """
     blocks = [m for m in model.modules() if isinstance(m, Block)]
-    usable = _HAS_FUSED_LINEAR and dtype == torch.bfloat16 and blocks and blocks[0].qkv.weight.device.type == "cpu"
-    layers = [layer for block in blocks for layer in (block.qkv, block.out, block.ffn[0], block.ffn[2])] if usable else []
+    usable = (_HAS_FUSED_LINEAR and dtype in (torch.bfloat16, torch.float32) and bool(blocks)
+              and blocks[0].qkv.weight.device.type == "cpu")
+    layers = [layer for b in blocks for layer in (b.qkv, b.out, b.ffn[0], b.ffn[2])] if usable else []
     try:
         with torch.no_grad():
             for layer in layers:
                 weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.to(dtype), rows)
-                layer.__dict__["_packed"] = (weight, None if layer.bias is None else layer.bias.to(dtype))
+                layer.__dict__["_packed"] = (dtype, weight, None if layer.bias is None else layer.bias.to(dtype))
         yield
     finally:
         for layer in layers:
