@@ -223,9 +223,10 @@ def rank_batches(model: nn.Module, batches: Iterable[dict], cfg: Config, device:
     model.eval()
     metrics = RankingMetrics()
     kwargs = {} if reverse_steps is None else {"reverse_steps": reverse_steps}
-    # one autocast region for the whole pass: it caches the bf16 casts of the weights it casts
-    # (on CPU the Transformer's fused linears cast their own, per call: caching those measured
-    # 1.01x), and the item matrix is cast once here (a slice, which autocast would cast every batch)
+    # one autocast region for the whole pass: it caches the bf16 casts of the weights it casts;
+    # on CPU the Transformer's linears take weights cast and packed once for the pass
+    # (packed_weights), and the item matrix is cast once here (a slice, which autocast would
+    # cast every batch)
     dtype = autocast_dtype(device, cfg.precision)
     items = model.item_matrix(dtype)
     with autocast(device, cfg.precision), packed_weights(model, dtype or torch.float32):

@@ -111,9 +111,9 @@ def packed_weights(model: nn.Module, dtype: torch.dtype | None, rows: int = 4096
     bf16, [6144, 128] -> 512 with GELU took 2.51 against 2.67 ms, 512 -> 128 1.79 against
     1.85 ms (2 threads, medians of 40); in float32, 128 -> 512 3.85 against 4.05 ms
     (``addmm``: 4.58). The results are the same for any number of rows (``rows`` only hints
-    the layout). The copies are dropped on exit, so a model trained
-    afterwards never reads stale weights. Does nothing off the CPU, in other dtypes, or where
-    oneDNN's fused linear is missing.
+    the layout). The copies are dropped on exit, so a model trained afterwards never reads
+    stale weights. Does nothing off the CPU, in other dtypes, or where oneDNN's fused linear
+    is missing.
     """
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     usable = (_HAS_FUSED_LINEAR and dtype in (torch.bfloat16, torch.float32) and bool(blocks)
