@@ -100,6 +100,7 @@ def profile_steps(model, batches, optimizer, graphs, device, precision: str, top
 def measure(cfg: Config, data, device, seconds: float, profile_steps_n: int, top: int) -> dict:
     # on a GPU the warm-up is a whole epoch: every shape's plans and graph are built before timing
     model, optimizer, graphs, stream = warmed_up_training(cfg, data, device, batches=10**9)
+
     def for_seconds():
         # one train_epoch over the cycled batches: a call per step would read its loss back to
         # the host, synchronising the GPU every step

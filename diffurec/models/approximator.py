@@ -55,6 +55,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 _HAS_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+FUSED_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes the fused linear is used in
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -75,7 +76,7 @@ def _fusable(x: torch.Tensor) -> torch.dtype | None:
     if x.device.type != "cpu" or torch.is_grad_enabled() or not _HAS_FUSED_LINEAR:
         return None
     dtype = compute_dtype(x)
-    return dtype if dtype in (torch.bfloat16, torch.float32) else None
+    return dtype if dtype in FUSED_DTYPES else None
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
@@ -115,10 +116,9 @@ def packed_weights(model: nn.Module, dtype: torch.dtype | None, rows: int = 4096
     stale weights. Does nothing off the CPU, in other dtypes, or where oneDNN's fused linear
     is missing.
     """
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
-    usable = (_HAS_FUSED_LINEAR and dtype in (torch.bfloat16, torch.float32) and bool(blocks)
-              and blocks[0].qkv.weight.device.type == "cpu")
-    layers = [layer for b in blocks for layer in (b.qkv, b.out, b.ffn[0], b.ffn[2])] if usable else []
+    layers = [layer for m in model.modules() if isinstance(m, Block) for layer in m.fused_linears()]
+    if not (_HAS_FUSED_LINEAR and dtype in FUSED_DTYPES and layers and layers[0].weight.device.type == "cpu"):
+        layers = []
     try:
         with torch.no_grad():
             for layer in layers:
@@ -145,6 +145,10 @@ class Block(nn.Module):
         )
         self.dropout = Dropout(dropout)
         self.attn_dropout = dropout
+
+    def fused_linears(self) -> tuple[nn.Linear, ...]:
+        """The linears ``forward`` applies through ``linear`` (what ``packed_weights`` packs)."""
+        return self.qkv, self.out, self.ffn[0], self.ffn[2]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
         B, L, H = x.shape
