@@ -180,3 +180,38 @@ def test_packed_weights_give_the_same_outputs_and_are_dropped_on_exit(dtype):
         unpacked = stack(x, None)
         with approximator.packed_weights(stack, torch.bfloat16):
             assert torch.equal(stack(x, None), unpacked)
+
+
+def test_last_block_computes_the_last_query_row_only_with_the_same_result():
+    """Training's last block projects the query of the last row only; outputs and gradients
+    are those of the full block's last row."""
+    torch.manual_seed(0)
+    block = approximator.Block(hidden=32, heads=4, dropout=0.0).train()
+    x = torch.randn(5, 7, 32, requires_grad=True)
+    valid = torch.ones(5, 7, dtype=torch.bool)
+    valid[0, :4] = False
+    mask = attention_mask(valid, causal=False, length=7, device="cpu")
+    last = block(x, mask, last_only=True)
+    assert last.shape == (5, 1, 32)
+    last_grads = torch.autograd.grad(last.square().sum(), [x, block.qkv.weight, block.qkv.bias])
+    full = block(x, mask, last_only=False)[:, -1:]
+    full_grads = torch.autograd.grad(full.square().sum(), [x, block.qkv.weight, block.qkv.bias])
+    torch.testing.assert_close(last, full, atol=1e-5, rtol=1e-5)
+    for a, b in zip(last_grads, full_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_step_embedding_of_a_batch_gathers_a_table_of_the_same_values():
+    torch.manual_seed(0)
+    embed = approximator.StepEmbedding(hidden=16, diffusion_steps=10)
+    t = torch.randint(0, 10, (64,))
+    direct = embed.mlp(approximator.timestep_embedding(t * embed.scale, 16))
+    direct_grads = torch.autograd.grad(direct.square().sum(), list(embed.parameters()))
+    gathered = embed(t)  # 64 rows > 10 steps: the table path
+    gathered_grads = torch.autograd.grad(gathered.square().sum(), list(embed.parameters()))
+    torch.testing.assert_close(gathered, direct, atol=1e-6, rtol=1e-6)
+    for a, b in zip(gathered_grads, direct_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # fractional steps, and batches with fewer rows than steps, embed directly
+    torch.testing.assert_close(embed(t[:3].float()), direct[:3])
+    torch.testing.assert_close(embed(t[:3]), direct[:3])
