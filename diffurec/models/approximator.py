@@ -130,6 +130,11 @@ def packed_weights(model: nn.Module, dtype: torch.dtype | None, rows: int = 4096
             layer.__dict__.pop("_packed", None)
 
 
+def _heads(y: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
+    """[B, L, parts * H] -> ``parts`` views [B, heads, L, H / heads] (no copies)."""
+    B, L, width = y.shape
+    return tuple(y.view(B, L, parts, heads, width // parts // heads).permute(2, 0, 3, 1, 4))
+
 class Block(nn.Module):
     """Pre-norm Transformer block: x + Attn(LN(x)), then x + FFN(LN(x)) with a 4x GELU MLP."""
 
@@ -152,7 +157,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
         B, L, H = x.shape
-        heads, d = self.heads, H // self.heads
+        heads = self.heads
         h = self.norm_attn(x)
         if last_only and _fusable(h) is None:
             # only the last row is read downstream: its query alone, keys and values for all rows.
@@ -161,18 +166,15 @@ class Block(nn.Module):
             # about 1% of a bf16 training step (paired steps at lengths 8 and 30). Inference
             # keeps the one fused, pre-packed qkv product (``linear``)
             weight, bias = self.qkv.weight, self.qkv.bias
-            q = F.linear(h[:, -1:], weight[:H], None if bias is None else bias[:H])
-            q = q.view(B, 1, heads, d).transpose(1, 2)
-            k, v = F.linear(h, weight[H:], None if bias is None else bias[H:]).view(B, L, 2, heads, d).permute(2, 0, 3, 1, 4)
+            (q,) = _heads(F.linear(h[:, -1:], weight[:H], None if bias is None else bias[:H]), 1, heads)
+            k, v = _heads(F.linear(h, weight[H:], None if bias is None else bias[H:]), 2, heads)
+        else:
+            q, k, v = _heads(linear(h, self.qkv), 3, heads)
+            if last_only:
+                q = q[:, :, -1:]  # one query row instead of L
+        if last_only:
             x = x[:, -1:]
             mask = mask[:, :, -1:] if mask is not None else None
-        else:
-            # [B, L, 3H] -> three [B, heads, L, d] views, no copies
-            q, k, v = linear(h, self.qkv).view(B, L, 3, heads, d).permute(2, 0, 3, 1, 4)
-            if last_only:
-                # only the last row is read downstream: one query row instead of L
-                x, q = x[:, -1:], q[:, :, -1:]
-                mask = mask[:, :, -1:] if mask is not None else None
         a = attend(q, k, v, mask, self.attn_dropout if self.training else 0.0)
         x = x + self.dropout(linear(a.transpose(1, 2).reshape(B, x.shape[1], H), self.out))
         return x + self.dropout(linear(linear(self.norm_ffn(x), self.ffn[0], gelu=True), self.ffn[2]))
@@ -207,16 +209,17 @@ class StepEmbedding(nn.Module):
     def __init__(self, hidden: int, diffusion_steps: int):
         super().__init__()
         self.hidden = hidden
-        self.num_steps = diffusion_steps
         self.scale = 1000.0 / diffusion_steps
         self.mlp = nn.Sequential(nn.Linear(hidden, 4 * hidden), nn.SiLU(), nn.Linear(4 * hidden, hidden))
+        # the sinusoids of the T integer steps never change: computed once (not saved)
+        self.register_buffer("step_sinusoids", timestep_embedding(torch.arange(diffusion_steps) * self.scale, hidden),
+                             persistent=False)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        if not t.is_floating_point() and t.numel() > self.num_steps:
+        if not t.is_floating_point() and t.numel() > len(self.step_sinusoids):
             # a training batch holds at most T distinct steps: embed each once and gather its
             # rows (the same values; the MLP runs on T rows instead of the batch)
-            steps = torch.arange(self.num_steps, device=t.device)
-            return self.mlp(timestep_embedding(steps * self.scale, self.hidden))[t]
+            return self.mlp(self.step_sinusoids)[t]
         return self.mlp(timestep_embedding(t * self.scale, self.hidden))
 
 
