@@ -18,8 +18,9 @@ download() {
 }
 mkdir -p .gpu/whl
 download "$TMP" ray==2.60.0
-download .gpu/whl mlflow-skinny==3.17.2 cachetools databricks-sdk fastapi gitpython gitdb smmap google-auth \
-    pyasn1 pyasn1-modules importlib-metadata opentelemetry-api opentelemetry-proto opentelemetry-sdk \
+# mlflow-skinny's own bounds (cachetools<8, importlib-metadata<10): pip download --no-deps does not apply them
+download .gpu/whl mlflow-skinny==3.17.2 'cachetools<8' databricks-sdk fastapi gitpython gitdb smmap google-auth \
+    pyasn1 pyasn1-modules 'importlib-metadata<10' opentelemetry-api opentelemetry-proto opentelemetry-sdk \
     opentelemetry-semantic-conventions opentelemetry-exporter-prometheus pydantic pydantic-core python-dotenv \
     sqlparse starlette uvicorn jsonschema jsonschema-specifications referencing rpds-py tensorboardX \
     typing-inspection annotated-types aiohttp-cors colorful smart-open platformdirs opencensus \

@@ -36,7 +36,7 @@ def test_graph_shapes_pad_to_multiples_of_8_within_max_len(max_len):
 
 
 def test_graphs_only_where_a_replay_is_the_same_step(data):
-    assert not Config().cuda_graphs  # off until it has run on a GPU
+    assert Config().cuda_graphs  # on by default; the rules below decide where it is used
     cfg = Config().with_sets(TINY + ["cuda_graphs=true"])
     model = build_model(cfg, data.num_items)
     cuda = torch.device("cuda")  # the rules read the device type only
@@ -49,7 +49,7 @@ def test_graphs_only_where_a_replay_is_the_same_step(data):
     assert graphed_step(model, make_optimizer(model, cfg), torch.device("cpu"), cfg) is None
     assert not make_optimizer(model, cfg).param_groups[0]["capturable"]
     # and where graphs are off, nothing changes on a GPU either
-    off = Config().with_sets(TINY)
+    off = Config().with_sets(TINY + ["cuda_graphs=false"])
     assert graphed_step(model, make_optimizer(model, off), cuda, off) is None
 
 
