@@ -4,8 +4,9 @@
 #   1. gpu_profile.py: training samples/s, NVML utilisation and profiler kernel time at batch
 #      sizes 512..8192 (bf16 autocast, the default on CUDA), with CUDA graphs (the default) and,
 #      in the same run, without them (cuda_graphs=false, the baseline);
-#   2. throughput.py at the reference hyper-parameters (batch 512), eager and with CUDA graphs,
-#      then at batch 4096 with evaluation in fixed 4096-user batches;
+#   2. throughput.py at the reference hyper-parameters (batch 512): the baseline (eager steps,
+#      the CPU's token-budget evaluation batches), then the defaults (CUDA graphs, fixed 4096-user
+#      evaluation batches on a GPU), then at batch 4096;
 #   3. a 1-worker Ray Train run of pipelines/train.py on the GPU (2 epochs, CUDA graphs), GPU utilisation
 #      sampled by nvidia-smi meanwhile.
 # Installs nothing. Ray and MLflow are not in a bare GPU image: if WHEELS (default .gpu/whl)
@@ -62,16 +63,16 @@ if want 1; then
 fi
 
 if want 2; then
-    echo "== 2a. throughput.py, reference hyper-parameters (batch 512), eager steps"
+    echo "== 2a. throughput.py, reference hyper-parameters (batch 512): the baseline, eager steps and the CPU's evaluation batches"
     timeout 150 $PY benchmarks/throughput.py --data "$DATA" --device "$DEVICE" --threads 8 \
-        --batches "${BATCHES:-200}" --eval-users 8192 --set cuda_graphs=false | tee "$OUT/throughput.jsonl"
-    echo "== 2b. throughput.py, batch 512, CUDA graphs"
+        --batches "${BATCHES:-200}" --eval-users 8192 --set cuda_graphs=false \
+        --set eval_batch_size=2048 --set eval_batch_tokens=6144 | tee "$OUT/throughput.jsonl"
+    echo "== 2b. throughput.py, batch 512, the defaults (CUDA graphs, 4096-user evaluation batches)"
     timeout 150 $PY benchmarks/throughput.py --data "$DATA" --device "$DEVICE" --threads 8 \
-        --batches "${BATCHES:-200}" --eval-users 8192 --set cuda_graphs=true | tee -a "$OUT/throughput.jsonl"
-    echo "== 2c. throughput.py, batch 4096, evaluation in 4096-user batches"
+        --batches "${BATCHES:-200}" --eval-users 8192 | tee -a "$OUT/throughput.jsonl"
+    echo "== 2c. throughput.py, batch 4096"
     timeout 150 $PY benchmarks/throughput.py --data "$DATA" --device "$DEVICE" --threads 8 \
-        --batches "${BATCHES:-200}" --eval-users 8192 --set batch_size=4096 \
-        --set eval_batch_tokens=0 --set eval_batch_size=4096 | tee -a "$OUT/throughput.jsonl"
+        --batches "${BATCHES:-200}" --eval-users 8192 --set batch_size=4096 | tee -a "$OUT/throughput.jsonl"
 fi
 
 if ! want 3; then exit 0; fi

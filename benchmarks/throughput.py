@@ -125,8 +125,8 @@ def _worker(rank: int, world: int, cfg: Config, data, args, threads: int, port: 
         # evaluation as pipelines/train.py validates: every rank scores an interleaved share
         net = model.module
         # as pipelines/train.py shards validation: every world-th user, then batched
-        start, end = eval_sample(cfg, data, args.eval_users)
-        batches = list(eval_batches(data, start[rank::world], end[rank::world], cfg)[0])
+        start, end = eval_sample(cfg, data, args.eval_users, cpu)
+        batches = list(eval_batches(data, start[rank::world], end[rank::world], cfg, cpu)[0])
         for steps in eval_reverse_steps(cfg):
             rank_batches(net, batches[:1], cfg, cpu, reverse_steps=steps)  # warm-up
             metrics, wall = timed(lambda s=steps: rank_batches(net, batches, cfg, cpu, reverse_steps=s))
@@ -161,12 +161,12 @@ def measure_workers(cfg: Config, data, args) -> dict:
             "eval_users_per_s": {k: rate([r["eval"][k] for r in ranks]) for k in ranks[0]["eval"]}}
 
 
-def eval_sample(cfg: Config, data, users: int) -> tuple[np.ndarray, np.ndarray]:
+def eval_sample(cfg: Config, data, users: int, device) -> tuple[np.ndarray, np.ndarray]:
     """(start, end) of the users in every k-th batch of a full validation pass (batches by token
     budget, length-sorted; k leaves at least 8 batches): an unbiased sample of the real pass's
     mix of history lengths and batch sizes. ``users`` sets k, so more users than asked may come."""
     ex = eval_examples(data, "valid", cfg.max_len)
-    order = eval_batch_order(ex.end - ex.start, cfg)
+    order = eval_batch_order(ex.end - ex.start, cfg, device)
     every = max(1, min(len(ex.end) // max(users, 1), len(order) // 8))
     pick = np.concatenate(order[int(np.random.default_rng(0).integers(every))::every])
     return ex.start[pick], ex.end[pick]
@@ -179,7 +179,7 @@ def eval_reverse_steps(cfg: Config) -> list[int]:
 def time_eval(cfg: Config, data, device, users: int, reverse_steps: int) -> float:
     torch.manual_seed(0)
     model = build_model(cfg, data.num_items).to(device).eval()
-    batches = list(eval_batches(data, *eval_sample(cfg, data, users), cfg)[0])
+    batches = list(eval_batches(data, *eval_sample(cfg, data, users, device), cfg, device)[0])
     # warm-up; on a GPU one S=1 pass over every batch, since each new shape's first call builds
     # cuDNN plans (a cold S=32 pass on an H200 read 2,634 users/s, then S=8 53,434)
     if device.type == "cuda":

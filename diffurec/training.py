@@ -192,7 +192,7 @@ def evaluate_sums(model: nn.Module, data: SequenceData, split: str, cfg: Config,
         start, end = start[users], end[users]
     if len(end) == 0:
         return RankingMetrics().sums, 0
-    batches, count = eval_batches(data, start, end, cfg)
+    batches, count = eval_batches(data, start, end, cfg, device)
     bar = progress_bar(count, f"eval {split}", progress)
     metrics = rank_batches(model, batches, cfg, device, reverse_steps=reverse_steps, on_batch=bar.update)
     bar.close()
@@ -202,17 +202,34 @@ def evaluate_sums(model: nn.Module, data: SequenceData, split: str, cfg: Config,
 SCORE_ROWS = 256  # users scored against all items at once
 
 
-def eval_batch_order(lengths: np.ndarray, cfg: Config) -> list[np.ndarray]:
-    """The evaluation batches' indices: by token budget, or ``eval_batch_size`` users each."""
-    if cfg.eval_batch_tokens == 0:
-        return batch_order(lengths, cfg.eval_batch_size, rng=None)
-    return token_budget_order(lengths, cfg.eval_batch_size, cfg.eval_batch_tokens, pad_to(cfg))
+# (eval_batch_size, eval_batch_tokens) where the config leaves them to the device (0 and -1).
+# CPU: at most 6,144 history tokens a batch keep the activations in cache (1.4-1.6x the users/s
+# of fixed 512-user batches on 2 cores). GPU: fixed 4,096-user batches ran at 2.1-2.4x the
+# users/s of that budget on an H100 (S=32 and S=4; docs/performance.md, tenth session).
+EVAL_BATCHING = {"cpu": (2048, 6144), "cuda": (4096, 0)}
 
 
-def eval_batches(data: SequenceData, start: np.ndarray, end: np.ndarray, cfg: Config) -> tuple[Iterator[dict], int]:
-    """The evaluation batches of these users (``start``/``end`` into ``data.items``), and their count."""
-    order = eval_batch_order(end - start, cfg)
-    return iterate_batches(data.items, start, end, cfg.eval_batch_size, pad_to=pad_to(cfg), order=order), len(order)
+def eval_batching(cfg: Config, device: torch.device) -> tuple[int, int]:
+    """The (users, history tokens) per evaluation batch on ``device``."""
+    users, tokens = EVAL_BATCHING.get(device.type, EVAL_BATCHING["cpu"])
+    return cfg.eval_batch_size or users, tokens if cfg.eval_batch_tokens < 0 else cfg.eval_batch_tokens
+
+
+def eval_batch_order(lengths: np.ndarray, cfg: Config, device: torch.device) -> list[np.ndarray]:
+    """The evaluation batches' indices: by token budget, or a fixed number of users each."""
+    users, tokens = eval_batching(cfg, device)
+    if tokens == 0:
+        return batch_order(lengths, users, rng=None)
+    return token_budget_order(lengths, users, tokens, pad_to(cfg))
+
+
+def eval_batches(data: SequenceData, start: np.ndarray, end: np.ndarray, cfg: Config,
+                 device: torch.device) -> tuple[Iterator[dict], int]:
+    """The evaluation batches of these users (``start``/``end`` into ``data.items``) for
+    ``device``, and their count."""
+    order = eval_batch_order(end - start, cfg, device)
+    users = eval_batching(cfg, device)[0]
+    return iterate_batches(data.items, start, end, users, pad_to=pad_to(cfg), order=order), len(order)
 
 
 @torch.no_grad()

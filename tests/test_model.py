@@ -13,9 +13,18 @@ from diffurec.data.batches import (
 from diffurec.data.sequences import eval_examples, sequence_data_from_tables, train_examples
 from diffurec.data.split import split_log
 from diffurec.data.synthetic import generate_synthetic_log
+from diffurec.errors import DiffuRecError
 from diffurec.metrics import RankingMetrics, target_ranks
 from diffurec.models import build_model
-from diffurec.training import bucketing_rng, evaluate, fit, load_checkpoint
+from diffurec.training import (
+    EVAL_BATCHING,
+    bucketing_rng,
+    eval_batch_order,
+    eval_batching,
+    evaluate,
+    fit,
+    load_checkpoint,
+)
 from diffurec.training import test_best as evaluate_best
 
 TINY = ["hidden_size=32", "num_blocks=2", "num_heads=2", "max_len=20", "diffusion_steps=8", "reverse_steps=8",
@@ -138,6 +147,28 @@ def test_evaluation_metrics_do_not_depend_on_the_batching(data, model, exclude_h
     for got in results[1:]:
         assert got == pytest.approx(results[0], abs=1e-9)
     assert results[0]["HR@20"] > 0
+
+
+def test_evaluation_batching_defaults_by_device_and_keeps_what_is_set(data):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # the rule reads the device type only
+    default = Config()
+    assert eval_batching(default, cpu) == (2048, 6144)  # token budget: batches that fit the caches
+    assert eval_batching(default, cuda) == (4096, 0)  # wide fixed batches for a GPU
+    for sets in ({"eval_batch_size": 300}, {"eval_batch_tokens": 0}, {"eval_batch_tokens": 500, "eval_batch_size": 9}):
+        cfg = default.with_overrides(sets)
+        for device in (cpu, cuda):
+            users, tokens = eval_batching(cfg, device)
+            assert users == sets.get("eval_batch_size", EVAL_BATCHING[device.type][0])
+            assert tokens == sets.get("eval_batch_tokens", EVAL_BATCHING[device.type][1])
+    # the GPU's batches: 4,096 users each (the last one the rest), whatever their lengths; the
+    # CPU's: fewer users where histories are long
+    lengths = np.random.default_rng(0).integers(1, 51, 10000)
+    assert [len(b) for b in eval_batch_order(lengths, default, cuda)] == [4096, 4096, 1808]
+    assert max(len(b) for b in eval_batch_order(lengths, default, cpu) if lengths[b].max() == 50) == 6144 // 50
+    with pytest.raises(DiffuRecError, match="eval_batch_tokens"):
+        default.with_overrides({"eval_batch_tokens": -2})
+    with pytest.raises(DiffuRecError, match="eval_batch_size"):
+        default.with_overrides({"eval_batch_size": -1})
 
 
 def popularity_metrics(data):
