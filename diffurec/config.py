@@ -73,7 +73,7 @@ class Config:
     # ones (data/batches.py token_budget_order); 0 tokens = always eval_batch_size users. Speed
     # only: metrics do not depend on the batches beyond the reverse process's random draws.
     # The defaults (0 and -1) are by device (training.EVAL_BATCHING): a CPU wants batches that stay in
-    # its caches, a GPU wide ones (on an H100, 2.1-2.4x the users/s of the CPU's token budget)
+    # its caches, a GPU wide ones (on an H100, 1.7-3.3x the users/s of the CPU's token budget)
     eval_batch_size: int = 0
     eval_batch_tokens: int = -1
     exclude_history: bool = False
