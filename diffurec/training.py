@@ -361,6 +361,10 @@ def fit(cfg: Config, data: SequenceData, run_dir: str | Path, *,
         lambda m: evaluate(unwrap(m), data, "valid", cfg, device, reverse_steps=cfg.valid_reverse_steps or None,
                            progress=progress and is_main))
     graphs = graphed_step(model, optimizer, device, cfg)
+    if graphs is None and cfg.cuda_graphs and device.type == "cuda" and is_main:
+        # on by default: say why this run takes the slower eager steps
+        print(f"CUDA graphs not used ({graphs_unusable(model, device, cfg.lr_schedule)}): "
+              "training with eager steps", file=sys.stderr, flush=True)
     state = LoopState()
     if resume_from is not None:
         unwrap(model).load_state_dict(resume_from["model"])
