@@ -85,8 +85,8 @@ class Config:
     # auto: bf16 autocast on GPU, fp32 on CPU (the reference numerics); bf16: autocast on CPU too
     precision: str = "auto"
     # on a GPU, replay each training step as a CUDA graph (diffurec/graphs.py): speed only, and
-    # where it is the same step (see graphs_unusable). On an H100 a batch-512 step ran at 4.3-4.9x
-    # the eager step's samples/s, the GPU 97% busy instead of 26% (docs/performance.md)
+    # where it is the same step (see graphs_unusable). On an H100 batch-512 training ran at 4.3-6.2x
+    # the eager steps' samples/s, the GPU 97% busy instead of 26% (docs/performance.md)
     cuda_graphs: bool = True
     threads: int = 0  # 0 leaves torch's default
     output_dir: str = "outputs"

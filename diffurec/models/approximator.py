@@ -135,6 +135,7 @@ def _heads(y: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
     B, L, width = y.shape
     return tuple(y.view(B, L, parts, heads, width // parts // heads).permute(2, 0, 3, 1, 4))
 
+
 class Block(nn.Module):
     """Pre-norm Transformer block: x + Attn(LN(x)), then x + FFN(LN(x)) with a 4x GELU MLP."""
 
