@@ -182,7 +182,8 @@ def _top_metrics(scores, target, ks=(5, 10, 20)):
 
 def time_reference(cfg: Config, data, train_batches: int = 6, eval_batches: int = 2, warmup: int = 1,
                    seed: int = 0) -> dict:
-    """Training samples/s and S = T evaluation users/s of the reference's per-step work."""
+    """Training samples/s and S = T evaluation users/s of the reference's per-step work
+    (``eval_batches=0``: training only)."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     model = PaddedDiffuRec(cfg, data.num_items)
@@ -205,6 +206,8 @@ def time_reference(cfg: Config, data, train_batches: int = 6, eval_batches: int 
         optimizer.step()
         samples += len(target) if i >= warmup else 0
     train = samples / (time.perf_counter() - began)
+    if not eval_batches:
+        return {"train_samples_per_s": round(train, 1), "eval_users_per_s": {}}
 
     model.eval()
     ev = eval_examples(data, "valid", cfg.max_len)

@@ -49,3 +49,4 @@ def test_reference_stand_in_trains_on_padded_batches_and_reports_its_rates(data)
     assert rates["train_samples_per_s"] > 0
     assert list(rates["eval_users_per_s"]) == [str(cfg.diffusion_steps)]
     assert rates["eval_users_per_s"][str(cfg.diffusion_steps)] > 0
+    assert time_reference(cfg, data, train_batches=1, eval_batches=0)["eval_users_per_s"] == {}
