@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffurec.config import Config
 from diffurec.data.sequences import eval_examples, train_examples
+from diffurec.models.diffusion import _posterior
 from diffurec.models.schedules import named_beta_schedule
 
 
@@ -106,11 +107,13 @@ class PaddedDiffuRec(nn.Module):
         betas = named_beta_schedule(cfg.noise_schedule, cfg.diffusion_steps).astype(np.float64)
         self.T = len(betas)
         ab = np.cumprod(1 - betas)
-        ab_prev = np.append(1.0, ab[:-1])
         self.sqrt_ab, self.sqrt_1mab = np.sqrt(ab), np.sqrt(1 - ab)
-        self.coef_x0 = betas * np.sqrt(ab_prev) / (1 - ab)
-        self.coef_xt = (1 - ab_prev) * np.sqrt(1 - betas) / (1 - ab)
-        self.post_var, self.betas = betas * (1 - ab_prev) / (1 - ab), betas
+        # numpy arrays, as the reference keeps them (each call gathers from them again)
+        self.coef_x0, self.coef_xt, noise_std = _posterior(betas)
+        # the reference takes the log of its variance at every reverse step; step 0 draws no noise
+        # (masked by t != 0), so its entry only has to keep the log finite
+        self.variance = np.square(noise_std)
+        self.variance[0] = 1.0
 
     @staticmethod
     def gather(arr, t, shape):
@@ -149,7 +152,7 @@ class PaddedDiffuRec(nn.Module):
         for i in reversed(range(self.T)):
             t = torch.tensor([i] * len(history))
             x0_hat = self.approximator(rep, valid, x_t, t)
-            log_var = self.gather(np.log(np.append(self.post_var[1], self.betas[1:])), t, x_t.shape)
+            log_var = self.gather(np.log(self.variance), t, x_t.shape)
             mean = self.gather(self.coef_x0, t, x_t.shape) * x0_hat + self.gather(self.coef_xt, t, x_t.shape) * x_t
             x_t = mean + (t != 0).float().view(-1, 1) * torch.exp(0.5 * log_var) * torch.randn_like(x_t)
         return x_t
