@@ -57,6 +57,34 @@ from diffurec.training import (  # noqa: E402
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "beauty" / "interactions.parquet"
 
 
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU the figures came from, e.g. ``AMD EPYC (family 26, model 2), 2 cpus, avx512_bf16``.
+
+    Printed with every result: this project's 2-core VMs have been both Zen 4 (family 25) and
+    Zen 5 (family 26) parts, and this model's bf16 matrix products run far faster on the second
+    while the float32, memory-bound reference step does not, so ratios are only comparable
+    between runs on the same kind of CPU.
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            import platform
+
+            return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", "unknown CPU")
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    cpus = sum(1 for line in cpuinfo.splitlines() if line.startswith("processor"))
+    flags = set(fields.get("flags", "").split())
+    extras = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return ", ".join([name, f"{cpus or os.cpu_count()} cpus", *extras])
+
+
 def load_data(path: str | None):
     if path:
         return load_sequences(path), path
@@ -229,6 +257,7 @@ def main() -> None:
     data, source = load_data(args.data)
     cfg = Config().with_sets([f"model={args.model}"] + (args.set or []))
     result = {"data": source, "device": str(device), "threads": torch.get_num_threads(), "model": args.model,
+              **({"cpu": cpu_description()} if device.type == "cpu" else {}),
               **measure(cfg, data, device, args)}
     if args.workers:
         if device.type != "cpu":

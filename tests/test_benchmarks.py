@@ -50,3 +50,16 @@ def test_reference_stand_in_trains_on_padded_batches_and_reports_its_rates(data)
     assert list(rates["eval_users_per_s"]) == [str(cfg.diffusion_steps)]
     assert rates["eval_users_per_s"][str(cfg.diffusion_steps)] > 0
     assert time_reference(cfg, data, train_batches=1, eval_batches=0)["eval_users_per_s"] == {}
+
+
+def test_throughput_names_the_cpu_its_figures_came_from():
+    from throughput import cpu_description
+
+    cpuinfo = "\n".join([
+        "processor\t: 0", "vendor_id\t: AuthenticAMD", "cpu family\t: 25", "model\t\t: 17",
+        "model name\t: AMD EPYC 9R14", "flags\t\t: fpu avx2 avx512f avx512_bf16", "",
+        "processor\t: 1", "cpu family\t: 25", "model\t\t: 17", "model name\t: AMD EPYC 9R14",
+        "flags\t\t: fpu avx2 avx512f avx512_bf16",
+    ])
+    assert cpu_description(cpuinfo) == "AMD EPYC 9R14 (family 25, model 17), 2 cpus, avx512_bf16"
+    assert cpu_description("model name\t: Some CPU\nflags\t: sse2").startswith("Some CPU, ")
