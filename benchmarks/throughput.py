@@ -13,7 +13,9 @@ per-step work (float32, pad to 50, written-out LayerNorm and GELU, full-size lam
 tensors, per-example data loading; 32 reverse steps in evaluation), and prints our figures as
 multiples of it: the issue's goals (20x training, 15x at S = 32 and 100x at S = 4) read as
 ratios measured in one run. Training is timed in ``--reference-rounds`` rounds (default 3), ours
-then the stand-in's in each, and the ratio is the median of the rounds' ratios.
+then the stand-in's in each, and the ratio is the median of the rounds' ratios. The stand-in
+runs in a spawned process of its own, with glibc's default allocator as the reference has (ours
+keeps freed memory, ``keep_freed_memory``, a process-wide setting).
 
 ``--workers N`` (CPU) also times N local processes with ``--threads / N`` threads each, as
 ``pipelines/train.py --num-workers N`` runs them inside Ray Train (without Ray's start-up):
@@ -45,6 +47,7 @@ from diffurec.data.sequences import eval_examples, load_sequences  # noqa: E402
 from diffurec.models import build_model  # noqa: E402
 from diffurec.training import (  # noqa: E402
     DDP_OPTIONS,
+    configure_process,
     eval_batch_order,
     eval_batches,
     graphed_step,
@@ -107,7 +110,9 @@ def warmed_up_training(cfg: Config, data, device, batches: int, warmup: int = 3,
     graph, a one-off cost per run that would otherwise be timed as if it recurred every epoch.
 
     ``shard`` (rank, world) with ``wrap`` (e.g. DDP): one worker's share, at batch_size / world.
+    The process takes ``cfg``'s runtime settings first, as ``fit`` does (``configure_process``).
     """
+    configure_process(cfg, device)
     torch.manual_seed(0)
     model = build_model(cfg, data.num_items).to(device)
     if wrap is not None:
@@ -234,6 +239,24 @@ def measure(cfg, data, device, args) -> dict:
     return out
 
 
+def _reference_worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def reference_process(threads: int):
+    """One spawned process that runs the stand-in's timings, with glibc's default allocator.
+
+    Ours keeps freed memory for reuse (``keep_freed_memory``, process-wide and not undone);
+    the reference code does not, and the stand-in's float32 padded step gains from it too, so
+    it is timed in a process of its own, as the reference would run.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    return concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_reference_worker_init, initargs=(threads,))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data")
@@ -276,13 +299,14 @@ def main() -> None:
 
         if args.model != "diffurec" or device.type != "cpu":
             raise SystemExit("--reference times the reference DiffuRec on CPU")
-        ref = time_reference(cfg, data)
-        # the machine's speed drifts within a run: the training ratio is read round by round,
-        # each round ours then the stand-in's, a minute apart at most
-        pairs = [(result["train_samples_per_s"], ref["train_samples_per_s"])]
-        for _ in range(args.reference_rounds - 1):
-            pairs.append((round(time_training(cfg, data, device, args.batches), 1),
-                          time_reference(cfg, data, eval_batches=0)["train_samples_per_s"]))
+        with reference_process(torch.get_num_threads()) as pool:
+            ref = pool.submit(time_reference, cfg, data).result()
+            # the machine's speed drifts within a run: the training ratio is read round by round,
+            # each round ours then the stand-in's, a minute apart at most
+            pairs = [(result["train_samples_per_s"], ref["train_samples_per_s"])]
+            for _ in range(args.reference_rounds - 1):
+                ours = round(time_training(cfg, data, device, args.batches), 1)
+                pairs.append((ours, pool.submit(time_reference, cfg, data, eval_batches=0).result()["train_samples_per_s"]))
         train_ratios = [round(ours / theirs, 1) for ours, theirs in pairs]
         ref_eval = ref["eval_users_per_s"][str(cfg.diffusion_steps)]  # the reference always runs all T steps
         result["reference_step"] = {**ref, "train_rounds": [list(p) for p in pairs]}

@@ -34,7 +34,7 @@ TABLE_METRICS = ["test/HR@10", "test/NDCG@10", "test/HR@20", "test/NDCG@20"]
 # keys that do not change what is trained; ``epochs`` is only the cap of early stopping (a resumed
 # run may raise or lower it, and MLflow keeps the first value), the epochs actually trained are
 # each run's own, and the budget tags say where a cap cut a run short
-NON_MODEL_KEYS = {"seed", "device", "threads", "output_dir", "eval_batch_size", "eval_batch_tokens", "cuda_graphs", "epochs"}
+NON_MODEL_KEYS = {"seed", "device", "threads", "output_dir", "eval_batch_size", "eval_batch_tokens", "cuda_graphs", "keep_freed_memory", "epochs"}
 
 
 def dataset_label(tag: str | None) -> str:

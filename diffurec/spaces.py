@@ -47,7 +47,7 @@ TOP_LEVEL_KEYS = ("description", "num_samples", "fixed", "params")
 REVERSE_FRACTION = "reverse_steps_fraction"
 SPECIAL_KEYS = (REVERSE_FRACTION,)
 # keys that say where/how a trial runs, not what it learns: fixed (or --set) only, never sampled
-RUNTIME_KEYS = ("device", "threads", "output_dir")
+RUNTIME_KEYS = ("device", "threads", "output_dir", "keep_freed_memory")
 # more corner combinations than this are checked key by key only
 MAX_CORNERS = 4096
 

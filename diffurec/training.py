@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffurec.allocator import keep_freed_memory
 from diffurec.config import Config
 from diffurec.data.batches import batch_order, iterate_batches, num_batches, token_budget_order
 from diffurec.data.sequences import SequenceData, eval_examples, train_examples
@@ -39,6 +40,15 @@ def resolve_device(cfg: Config) -> torch.device:
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise DiffuRecError(f"config key 'device' = {cfg.device!r}: no CUDA device is available")
     return torch.device(cfg.device)
+
+
+def configure_process(cfg: Config, device: torch.device) -> None:
+    """Process-wide runtime settings a training process takes from ``cfg``: torch's threads and,
+    on a CPU, the allocator's reuse of freed memory (``diffurec/allocator.py``)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.keep_freed_memory and device.type == "cpu":
+        keep_freed_memory()
 
 
 def seed_everything(seed: int) -> None:
@@ -349,8 +359,7 @@ def fit(cfg: Config, data: SequenceData, run_dir: str | Path, *,
     """
     run_dir = Path(run_dir)
     device = device or resolve_device(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_process(cfg, device)
     seed_everything(cfg.seed)
     model = model if model is not None else build_model(cfg, data.num_items).to(device)
     optimizer = make_optimizer(model, cfg)

@@ -213,6 +213,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from diffurec.training import (
         DDP_OPTIONS,
         bucketing_rng,
+        configure_process,
         evaluate_sums,
         fit,
         load_checkpoint,
@@ -228,8 +229,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = ray.train.torch.get_device()
     if isinstance(device, list):
         device = device[0]
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_process(cfg, device)
     status_dir = loop_config.get("status_dir")
     finish_run = loop_config.get("finish_run", True)  # False: the sweep's driver sets the status
     data = load_sequences(loop_config["data_dir"])
