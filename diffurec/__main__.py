@@ -6,6 +6,7 @@ User errors (bad paths, bad config, bad data) print one ``error: ...`` line on s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import secrets
 import signal
@@ -39,6 +40,34 @@ def parse_tags(items: list[str] | None) -> dict[str, str]:
 
 def new_run_name(model: str) -> str:
     return f"{model}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+class Termination:
+    """SIGTERM (`kill`, a scheduler's stop) raised as KeyboardInterrupt, so the MLflow run ends
+    KILLED, but held back while an MLflow write is in flight: interrupted inside a write, SQLite
+    keeps its write lock and the run could no longer be marked (it stayed RUNNING in about 1 of
+    12 kills landing at an epoch's end)."""
+
+    def __init__(self):
+        self.deferring = False
+        self.pending: int | None = None
+
+    def handler(self, signum, frame):
+        if self.deferring:
+            self.pending = signum
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Within: a signal waits, and is raised when the block ends."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+            if self.pending is not None:
+                raise KeyboardInterrupt(f"signal {self.pending}")
 
 
 def cmd_split(args) -> dict:
@@ -91,39 +120,43 @@ def cmd_train(args) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         id_file.write_text(tracker.run_id)
 
+    termination = Termination()
+
     def on_epoch_end(epoch, metrics, state, paths):
         if tracker is not None:
-            tracker.log_metrics(metrics, step=epoch)
-
-    def terminated(signum, frame):  # `kill`, a scheduler's stop: end the MLflow run as KILLED
-        raise KeyboardInterrupt(f"signal {signum}")
+            with termination.deferred():
+                tracker.log_metrics(metrics, step=epoch)
 
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, terminated) if in_main else None
+    previous = signal.signal(signal.SIGTERM, termination.handler) if in_main else None
     try:
-        result = fit(cfg, data, run_dir, device=device, resume_from=resume_from,
-                     on_epoch_end=on_epoch_end, progress=not args.no_progress)
-        test = test_best(run_dir, data, device, progress=not args.no_progress)
-    except BaseException:
+        try:
+            result = fit(cfg, data, run_dir, device=device, resume_from=resume_from,
+                         on_epoch_end=on_epoch_end, progress=not args.no_progress)
+            test = test_best(run_dir, data, device, progress=not args.no_progress)
+        except BaseException:
+            if tracker is not None:
+                termination.deferring = True  # a second signal must not interrupt the marking
+                tracker.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
+            raise
+        out = {"run_name": name, "checkpoint": str(run_dir / "best.pt"), "best_epoch": result["best_epoch"],
+               "epochs": result["epochs"], "seconds_to_best": round(result["seconds_to_best"], 2),
+               **{f"valid/{k}": v for k, v in result["best_valid"].items()},
+               **{f"test/{k}": v for k, v in test.items()}}
         if tracker is not None:
-            tracker.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
-        raise
+            # the run's work is done: a signal now waits until it is recorded FINISHED, then is dropped
+            termination.deferring = True
+            tracker.log_metrics({k: v for k, v in out.items() if k.startswith("test/")}, step=result["epochs"])
+            tracker.log_metrics({"best_epoch": result["best_epoch"], "seconds_to_best": result["seconds_to_best"]})
+            tracker.log_artifact(run_dir / "best.pt", "checkpoint")
+            tracker.log_artifact(run_dir / "config.yaml")
+            if args.log_model:
+                tracker.log_model(load_checkpoint(run_dir / "best.pt")[0])
+            tracker.finish()
+            out["mlflow_run_id"] = tracker.run_id
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-    out = {"run_name": name, "checkpoint": str(run_dir / "best.pt"), "best_epoch": result["best_epoch"],
-           "epochs": result["epochs"], "seconds_to_best": round(result["seconds_to_best"], 2),
-           **{f"valid/{k}": v for k, v in result["best_valid"].items()},
-           **{f"test/{k}": v for k, v in test.items()}}
-    if tracker is not None:
-        tracker.log_metrics({k: v for k, v in out.items() if k.startswith("test/")}, step=result["epochs"])
-        tracker.log_metrics({"best_epoch": result["best_epoch"], "seconds_to_best": result["seconds_to_best"]})
-        tracker.log_artifact(run_dir / "best.pt", "checkpoint")
-        tracker.log_artifact(run_dir / "config.yaml")
-        if args.log_model:
-            tracker.log_model(load_checkpoint(run_dir / "best.pt")[0])
-        tracker.finish()
-        out["mlflow_run_id"] = tracker.run_id
     return out
 
 

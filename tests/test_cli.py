@@ -107,3 +107,19 @@ def test_sigterm_ends_the_run_killed_and_it_resumes(log, tmp_path):
                                 "--output-dir", str(out), "--no-progress", "--resume", "k"))
     assert resumed["epochs"] == done[-1] + 1
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_termination_waits_for_an_mlflow_write_in_flight():
+    """A SIGTERM inside an MLflow write would leave SQLite locked and the run RUNNING: the
+    handler holds it back until the write's block ends, then raises it."""
+    from diffurec.__main__ import Termination
+
+    term = Termination()
+    with pytest.raises(KeyboardInterrupt):
+        term.handler(15, None)
+    written = []
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        with term.deferred():
+            term.handler(15, None)  # arrives mid-write: no exception here
+            written.append("metrics")
+    assert written == ["metrics"]
