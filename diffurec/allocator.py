@@ -7,10 +7,11 @@ kernel as new, zero-filled pages: thousands of page faults a step, each a trip t
 hypervisor on a VM. Here ``mallopt`` makes glibc take every block from its heap and never trim
 the heap, so after the first steps of each history length the memory is reused with no fault.
 
-Measured on a 2-core Zen 5 VM (bf16, Beauty, batch 512, six 40-batch windows, separate
-processes): minor faults per step fell from 2,500-9,600 to 0-460 once the heap had grown, system
-time from 0.5-1.5 s to 0.0-0.2 s a window, and samples/s rose 1.03-1.16x per window
-(``docs/performance.md``, twelfth session).
+Measured on a 2-core Zen 5 VM (bf16, Beauty, batch 512, separate processes): once the heap had
+grown, minor faults fell from thousands a step to near zero, and training samples/s rose 1.04-1.19x
+in 100-batch runs and 1.06-1.19x by whole epoch, with the same results bit for bit. Under Ray
+Train, whose worker trains in a thread, later epochs were level (``docs/performance.md``, twelfth
+session).
 
 The cost: the process keeps its peak heap until it exits, as torch's own CUDA caching allocator
 keeps GPU memory. Blocks larger than a 64 MB heap in a thread other than the main one still use

@@ -91,7 +91,7 @@ class Config:
     threads: int = 0  # 0 leaves torch's default
     # on a CPU, have glibc keep freed memory for reuse instead of unmapping it (diffurec/allocator.py):
     # the step's 10-50 MB activations otherwise return as fresh zero-filled pages, thousands of
-    # page faults a step. Speed only: 1.03-1.16x bf16 training samples/s on a 2-core VM
+    # page faults a step. Speed only: 1.04-1.19x bf16 training samples/s in one process on a 2-core VM
     keep_freed_memory: bool = True
     output_dir: str = "outputs"
 
