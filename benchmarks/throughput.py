@@ -75,14 +75,15 @@ def cpu_description(cpuinfo: str | None = None) -> str:
             import platform
 
             return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
-    fields: dict[str, str] = {}
+    fields: dict[str, str] = {}  # the first processor's
+    cpus = 0
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
+        cpus += key.strip() == "processor"
     name = fields.get("model name", "unknown CPU")
     if "cpu family" in fields and "model" in fields:
         name += f" (family {fields['cpu family']}, model {fields['model']})"
-    cpus = sum(1 for line in cpuinfo.splitlines() if line.startswith("processor"))
     flags = set(fields.get("flags", "").split())
     extras = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
     return ", ".join([name, f"{cpus or os.cpu_count()} cpus", *extras])

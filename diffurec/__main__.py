@@ -58,6 +58,10 @@ class Termination:
             return
         raise KeyboardInterrupt(f"signal {signum}")
 
+    def hold(self) -> None:
+        """From now on a signal waits and is dropped: the run is being marked, or its work is done."""
+        self.deferring = True
+
     @contextlib.contextmanager
     def deferred(self):
         """Within: a signal waits, and is raised when the block ends."""
@@ -136,7 +140,7 @@ def cmd_train(args) -> dict:
             test = test_best(run_dir, data, device, progress=not args.no_progress)
         except BaseException:
             if tracker is not None:
-                termination.deferring = True  # a second signal must not interrupt the marking
+                termination.hold()  # a second signal must not interrupt the marking
                 tracker.finish("FAILED" if not isinstance(sys.exc_info()[1], KeyboardInterrupt) else "KILLED")
             raise
         out = {"run_name": name, "checkpoint": str(run_dir / "best.pt"), "best_epoch": result["best_epoch"],
@@ -144,8 +148,7 @@ def cmd_train(args) -> dict:
                **{f"valid/{k}": v for k, v in result["best_valid"].items()},
                **{f"test/{k}": v for k, v in test.items()}}
         if tracker is not None:
-            # the run's work is done: a signal now waits until it is recorded FINISHED, then is dropped
-            termination.deferring = True
+            termination.hold()  # the run's work is done: record it FINISHED
             tracker.log_metrics({k: v for k, v in out.items() if k.startswith("test/")}, step=result["epochs"])
             tracker.log_metrics({"best_epoch": result["best_epoch"], "seconds_to_best": result["seconds_to_best"]})
             tracker.log_artifact(run_dir / "best.pt", "checkpoint")

@@ -34,6 +34,18 @@ NEVER_TRIM = 2**31 - 1  # the largest value mallopt takes (an int): 2 GB of free
 _applied = False
 
 
+def glibc() -> ctypes.CDLL | None:
+    """The process's C library if it is glibc, else None (macOS, musl: musl's mallopt ignores
+    these settings)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt") else None
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's allocator to reuse freed memory (see the module docstring); True if it applied.
 
@@ -43,15 +55,10 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied:
         return True
-    if not sys.platform.startswith("linux"):
+    libc = glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: musl's mallopt ignores these
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     # mallopt returns 1 on success

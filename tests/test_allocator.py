@@ -1,24 +1,14 @@
 """keep_freed_memory: large CPU tensors come from glibc's heap and are reused, not unmapped."""
 
-import ctypes
-import ctypes.util
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from diffurec.allocator import glibc
 from diffurec.config import Config
 from diffurec.training import configure_process
-
-
-def _is_glibc() -> bool:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallinfo2")
-    except OSError:
-        return False
-
 
 # in a fresh process: the setting is process-wide and cannot be undone
 SCRIPT = r"""
@@ -49,7 +39,7 @@ print(default_mapped >= SIZE, kept_mapped == 0, libc.mallinfo2().arena >= SIZE, 
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or not _is_glibc(), reason="needs glibc (mallopt, mallinfo2)")
+@pytest.mark.skipif(glibc() is None or not hasattr(glibc(), "mallinfo2"), reason="needs glibc (mallopt, mallinfo2)")
 def test_large_tensors_come_from_the_heap_and_are_reused_once_kept():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True).stdout.split()
     # by default a 40 MB tensor is its own mmap; once kept, it is heap memory, and the freed heap
