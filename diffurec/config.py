@@ -19,7 +19,11 @@ from diffurec.errors import DiffuRecError
 MODELS = ("diffurec", "sasrec")
 NOISE_SCHEDULES = ("trunc_lin", "linear", "cosine", "sqrt", "trunc_cos", "pw_lin")
 TIMESTEP_SAMPLERS = ("uniform", "loss_aware")
-LR_SCHEDULES = ("constant", "cosine", "warmup_cosine")
+LR_SCHEDULES = ("constant", "step", "cosine", "warmup_cosine")
+STOP_ON = ("selection", "any_metric")
+GELUS = ("exact", "tanh")
+DROPOUT_PLACEMENTS = ("residual", "reference")
+LINEAR_INITS = ("torch", "xavier")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -33,12 +37,19 @@ class Config:
     batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # constant; step (lr x lr_gamma every lr_step_epochs epochs: the reference's StepLR);
+    # cosine (to 0 at `epochs`); warmup_cosine (linear warmup over warmup_epochs, then cosine)
     lr_schedule: str = "constant"
+    lr_step_epochs: int = 100
+    lr_gamma: float = 0.1
     warmup_epochs: int = 0
     grad_clip: float = 0.0  # 0 disables clipping
-    # early stopping on validation NDCG@10, counted in evaluations
+    # early stopping, counted in evaluations: stop after `patience` evaluations in a row without
+    # an improvement of validation NDCG@10 (selection) or of any validation metric (any_metric,
+    # the reference's rule). best.pt is always the best validation NDCG@10
     eval_every: int = 1
     patience: int = 10
+    stop_on: str = "selection"
     # architecture
     hidden_size: int = 128
     num_blocks: int = 4
@@ -56,6 +67,16 @@ class Config:
     position_init_std: float = 1.0
     # the reference attends to padded positions; kept only for the ablation
     attend_to_padding: bool = False
+    # the reference Transformer's other behaviours, each available for its ablation
+    # (docs/results.md): tanh-approximated GELU in the feed-forward; dropout also on the
+    # feed-forward's hidden activation and on every block's output (reference); LayerNorm
+    # epsilon (the reference: 1e-12, everywhere); Xavier-normal weights for the feed-forward and
+    # attention-output linears; a padding column (score 0) in the training cross-entropy's softmax
+    gelu: str = "exact"
+    dropout_placement: str = "residual"
+    layer_norm_eps: float = 1e-5
+    linear_init: str = "torch"
+    ce_padding_column: bool = False
     # diffusion
     diffusion_steps: int = 32
     reverse_steps: int = 32
@@ -173,6 +194,14 @@ class Config:
         need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be > 0")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        need(self.lr_step_epochs >= 1, "lr_step_epochs", "must be >= 1")
+        need(0 < self.lr_gamma <= 1, "lr_gamma", "must be in (0, 1]")
+        need(self.stop_on in STOP_ON, "stop_on", f"one of {', '.join(STOP_ON)}")
+        need(self.gelu in GELUS, "gelu", f"one of {', '.join(GELUS)}")
+        need(self.dropout_placement in DROPOUT_PLACEMENTS, "dropout_placement",
+             f"one of {', '.join(DROPOUT_PLACEMENTS)}")
+        need(0 < self.layer_norm_eps < 1, "layer_norm_eps", "must be in (0, 1)")
+        need(self.linear_init in LINEAR_INITS, "linear_init", f"one of {', '.join(LINEAR_INITS)}")
         need(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
         need(self.eval_every >= 1, "eval_every", "must be >= 1")
         need(self.patience >= 1, "patience", "must be >= 1")

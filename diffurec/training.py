@@ -75,13 +75,16 @@ DDP_OPTIONS = {"gradient_as_bucket_view": True}
 
 
 def make_lr_scheduler(optimizer, cfg: Config, steps_per_epoch: int):
-    """Per-step schedule; 'constant' is the reference."""
+    """Per-step schedule. 'step' is the reference's ``StepLR(step_size=lr_step_epochs,
+    gamma=lr_gamma)`` stepped once an epoch: the factor changes at epoch boundaries only."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = cfg.warmup_epochs * steps_per_epoch
 
     def factor(step: int) -> float:
         if cfg.lr_schedule == "constant":
             return 1.0
+        if cfg.lr_schedule == "step":
+            return cfg.lr_gamma ** (step // steps_per_epoch // cfg.lr_step_epochs)
         if step < warmup:
             return (step + 1) / warmup
         progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -333,6 +336,8 @@ class LoopState:
     best_metric: float = -1.0
     best_epoch: int = 0
     best_valid: dict = field(default_factory=dict)
+    # the best value of every validation metric so far (for stop_on = any_metric)
+    best_each: dict = field(default_factory=dict)
     evals_since_best: int = 0
     seconds: float = 0.0
     seconds_to_best: float = 0.0
@@ -402,13 +407,16 @@ def fit(cfg: Config, data: SequenceData, run_dir: str | Path, *,
         if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
             valid = evaluate_valid(model)
             metrics.update({f"valid/{k}": v for k, v in valid.items()})
+            any_improved = any(v > state.best_each.get(k, -1.0) for k, v in valid.items())
+            state.best_each = {k: max(v, state.best_each.get(k, -1.0)) for k, v in valid.items()}
             if valid.get(SELECTION_METRIC, 0.0) > state.best_metric:
                 improved = True
                 state.best_metric = valid[SELECTION_METRIC]
                 state.best_epoch = epoch
                 state.best_valid = valid
-                state.evals_since_best = 0
                 state.seconds_to_best = state.seconds
+            if improved or (cfg.stop_on == "any_metric" and any_improved):
+                state.evals_since_best = 0
             else:
                 state.evals_since_best += 1
         paths = {}

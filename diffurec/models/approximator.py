@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +80,8 @@ def _fusable(x: torch.Tensor) -> torch.dtype | None:
     return dtype if dtype in FUSED_DTYPES else None
 
 
-def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:
-    """``layer(x)``, then exact GELU if ``gelu``.
+def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False, approximate: str = "none") -> torch.Tensor:
+    """``layer(x)``, then GELU if ``gelu`` (exact, or ``approximate="tanh"``).
 
     In bf16 CPU inference this is one oneDNN call with the bias and the GELU fused into the
     matrix product: ``addmm`` first copies the broadcast bias into the [tokens, out] output and
@@ -92,7 +93,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
     dtype = _fusable(x)
     if dtype is None:
         y = layer(x)
-        return F.gelu(y) if gelu else y
+        return F.gelu(y, approximate=approximate) if gelu else y
     packed = layer.__dict__.get("_packed")
     if packed is not None and packed[0] == dtype:
         _, weight, bias = packed
@@ -100,7 +101,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
         weight = layer.weight.to(dtype)
         bias = None if layer.bias is None else layer.bias.to(dtype)
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype).contiguous(), weight, bias,
-                                              "gelu" if gelu else "none", [], "none" if gelu else "")
+                                              "gelu" if gelu else "none", [], approximate if gelu else "")
 
 
 @contextlib.contextmanager
@@ -136,21 +137,51 @@ def _heads(y: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
     return tuple(y.view(B, L, parts, heads, width // parts // heads).permute(2, 0, 3, 1, 4))
 
 
+@dataclass(frozen=True)
+class BlockOptions:
+    """How a block differs from the reference Transformer's (each a config key, for its ablation).
+
+    The defaults are this project's block; ``reference()`` is the reference code's: tanh GELU,
+    dropout also on the feed-forward's hidden activation and the block's output, LayerNorm
+    epsilon 1e-12, Xavier-normal feed-forward and attention-output weights.
+    """
+
+    gelu: str = "exact"  # or "tanh"
+    reference_dropout: bool = False
+    layer_norm_eps: float = 1e-5
+    xavier_init: bool = False
+
+    @classmethod
+    def from_config(cls, cfg) -> BlockOptions:
+        return cls(gelu=cfg.gelu, reference_dropout=cfg.dropout_placement == "reference",
+                   layer_norm_eps=cfg.layer_norm_eps, xavier_init=cfg.linear_init == "xavier")
+
+    @classmethod
+    def reference(cls) -> BlockOptions:
+        return cls(gelu="tanh", reference_dropout=True, layer_norm_eps=1e-12, xavier_init=True)
+
+
 class Block(nn.Module):
     """Pre-norm Transformer block: x + Attn(LN(x)), then x + FFN(LN(x)) with a 4x GELU MLP."""
 
-    def __init__(self, hidden: int, heads: int, dropout: float):
+    def __init__(self, hidden: int, heads: int, dropout: float, options: BlockOptions = BlockOptions()):
         super().__init__()
         self.heads = heads
-        self.norm_attn = nn.LayerNorm(hidden)
+        self.norm_attn = nn.LayerNorm(hidden, eps=options.layer_norm_eps)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
-        self.norm_ffn = nn.LayerNorm(hidden)
+        self.norm_ffn = nn.LayerNorm(hidden, eps=options.layer_norm_eps)
         self.ffn = nn.Sequential(
             nn.Linear(hidden, 4 * hidden), nn.GELU(), nn.Linear(4 * hidden, hidden)  # applied by linear()
         )
+        if options.xavier_init:
+            for layer in (self.ffn[0], self.ffn[2], self.out):
+                nn.init.xavier_normal_(layer.weight)
         self.dropout = Dropout(dropout)
         self.attn_dropout = dropout
+        self.gelu_approximate = "tanh" if options.gelu == "tanh" else "none"
+        # the reference's extra dropouts: the feed-forward's hidden activation, the block's output
+        self.extra_dropout = Dropout(dropout) if options.reference_dropout else None
 
     def fused_linears(self) -> tuple[nn.Linear, ...]:
         """The linears ``forward`` applies through ``linear`` (what ``packed_weights`` packs)."""
@@ -178,13 +209,18 @@ class Block(nn.Module):
             mask = mask[:, :, -1:] if mask is not None else None
         a = attend(q, k, v, mask, self.attn_dropout if self.training else 0.0)
         x = x + self.dropout(linear(a.transpose(1, 2).reshape(B, x.shape[1], H), self.out))
-        return x + self.dropout(linear(linear(self.norm_ffn(x), self.ffn[0], gelu=True), self.ffn[2]))
+        hidden = linear(self.norm_ffn(x), self.ffn[0], gelu=True, approximate=self.gelu_approximate)
+        if self.extra_dropout is None:
+            return x + self.dropout(linear(hidden, self.ffn[2]))
+        x = x + self.dropout(linear(self.extra_dropout(hidden), self.ffn[2]))
+        return self.extra_dropout(x)
 
 
 class TransformerStack(nn.Module):
-    def __init__(self, hidden: int, heads: int, blocks: int, dropout: float):
+    def __init__(self, hidden: int, heads: int, blocks: int, dropout: float,
+                 options: BlockOptions = BlockOptions()):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(hidden, heads, dropout) for _ in range(blocks))
+        self.blocks = nn.ModuleList(Block(hidden, heads, dropout, options) for _ in range(blocks))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """[B, L, H] -> the last position's representation [B, H]."""
@@ -232,11 +268,11 @@ class Approximator(nn.Module):
     """
 
     def __init__(self, hidden: int, heads: int, blocks: int, dropout: float, diffusion_steps: int,
-                 lambda_mean: float, lambda_std: float):
+                 lambda_mean: float, lambda_std: float, options: BlockOptions = BlockOptions()):
         super().__init__()
         self.step_embedding = StepEmbedding(hidden, diffusion_steps)
-        self.transformer = TransformerStack(hidden, heads, blocks, dropout)
-        self.norm = nn.LayerNorm(hidden)
+        self.transformer = TransformerStack(hidden, heads, blocks, dropout, options)
+        self.norm = nn.LayerNorm(hidden, eps=options.layer_norm_eps)
         self.dropout = Dropout(dropout)
         self.lambda_mean = lambda_mean
         self.lambda_std = lambda_std

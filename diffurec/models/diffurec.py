@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from diffurec.config import Config
-from diffurec.models.approximator import Approximator, attention_mask, compute_dtype
+from diffurec.models.approximator import Approximator, BlockOptions, attention_mask, compute_dtype
 from diffurec.models.diffusion import GaussianDiffusion, make_timestep_sampler
 from diffurec.models.dropout import Dropout
 from diffurec.models.losses import full_cross_entropy
@@ -40,7 +40,9 @@ class SequenceEncoderBase(nn.Module):
             # bit for bit from their seed
             nn.init.normal_(self.position_embeddings.weight, std=cfg.position_init_std or item_std)
         self.emb_dropout = Dropout(cfg.emb_dropout)
-        self.emb_norm = nn.LayerNorm(cfg.hidden_size)
+        self.block_options = BlockOptions.from_config(cfg)
+        self.emb_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ce_padding_column = cfg.ce_padding_column
 
     def embed_history(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[B, L] left-padded ids -> (representations [B, L, H], attention mask or None)."""
@@ -72,8 +74,15 @@ class SequenceEncoderBase(nn.Module):
         return items if dtype is None else items.to(dtype)
 
     def cross_entropy(self, rep: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-example cross-entropy over every real item (``target`` holds item ids)."""
+        """Per-example cross-entropy over every real item (``target`` holds item ids).
+
+        With ``ce_padding_column`` the padding id's row joins the softmax, as in the reference's
+        loss over its whole embedding table: the row starts at zero and is learned through this
+        loss alone (``padding_idx`` keeps lookups from training it). Ranking covers real items only.
+        """
         dtype = compute_dtype(rep)
+        if self.ce_padding_column:
+            return full_cross_entropy(rep.to(dtype), self.item_embeddings.weight.to(dtype), target)
         return full_cross_entropy(rep.to(dtype), self.item_matrix(dtype), target - 1)
 
 
@@ -83,7 +92,7 @@ class DiffuRec(SequenceEncoderBase):
         self.diffusion = GaussianDiffusion(cfg.noise_schedule, cfg.diffusion_steps)
         self.approximator = Approximator(
             cfg.hidden_size, cfg.num_heads, cfg.num_blocks, cfg.dropout, cfg.diffusion_steps,
-            cfg.lambda_mean, cfg.lambda_std,
+            cfg.lambda_mean, cfg.lambda_std, self.block_options,
         )
         self.timestep_sampler = make_timestep_sampler(cfg.timestep_sampler, cfg.diffusion_steps)
         self.reverse_steps = cfg.reverse_steps

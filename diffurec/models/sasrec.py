@@ -19,8 +19,9 @@ class SASRec(SequenceEncoderBase):
 
     def __init__(self, cfg: Config, num_items: int):
         super().__init__(cfg, num_items)
-        self.transformer = TransformerStack(cfg.hidden_size, cfg.num_heads, cfg.num_blocks, cfg.dropout)
-        self.norm = nn.LayerNorm(cfg.hidden_size)
+        self.transformer = TransformerStack(cfg.hidden_size, cfg.num_heads, cfg.num_blocks, cfg.dropout,
+                                            self.block_options)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def encode(self, history: torch.Tensor) -> torch.Tensor:
         rep, mask = self.embed_history(history)
