@@ -123,3 +123,15 @@ def test_termination_waits_for_an_mlflow_write_in_flight():
             term.handler(15, None)  # arrives mid-write: no exception here
             written.append("metrics")
     assert written == ["metrics"]
+
+
+def test_train_takes_the_reference_protocol_preset(log, tmp_path):
+    from pathlib import Path
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "reference_protocol.yaml"
+    sets = [a for s in TINY + ["eval_every=1"] for a in ("--set", s)]
+    train = last_json(run_cli("train", "--data", str(log), "--config", str(preset), *sets,
+                              "--output-dir", str(tmp_path / "o"), "--no-mlflow", "--no-progress", "--name", "ref"))
+    assert train["epochs"] == 2
+    saved = (tmp_path / "o" / "runs" / "ref" / "config.yaml").read_text()
+    assert "lr_schedule: step" in saved and "stop_on: any_metric" in saved and "epochs: 2" in saved

@@ -191,9 +191,11 @@ def test_two_workers_end_to_end_with_mlflow_server(ray_local, prepared, mlflow_s
     import pipelines.train as train
     from diffurec.tracking import mlflow_metric_name
 
-    cfg = dict(TINY, epochs=2, model="diffurec", output_dir=str(tmp_path / "out"))
+    # the reference protocol's preset, with --set overriding its epochs and evaluation interval
+    preset = REPO / "configs" / "reference_protocol.yaml"
+    cfg = dict(TINY, epochs=2, eval_every=1, model="diffurec", output_dir=str(tmp_path / "out"))
     storage = tmp_path / "ray_results"
-    argv = ["--data", str(prepared), "--num-workers", "2", "--mlflow-uri", mlflow_server,
+    argv = ["--data", str(prepared), "--num-workers", "2", "--mlflow-uri", mlflow_server, "--config", str(preset),
             "--storage-path", str(storage), "--name", "e2e", "--experiment", "ray-train-test"] + _sets(cfg)
     assert train.main(argv) == 0, capsys.readouterr().err[-3000:]
     lines = capsys.readouterr().out.strip().splitlines()
@@ -214,8 +216,9 @@ def test_two_workers_end_to_end_with_mlflow_server(ray_local, prepared, mlflow_s
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == "e2e"
     # the whole config as params, under the config's own key names
-    expected = {k: str(v) for k, v in Config().with_overrides(cfg).to_dict().items()}
+    expected = {k: str(v) for k, v in Config.from_yaml(preset).with_overrides(cfg).to_dict().items()}
     assert {k: run.data.params[k] for k in expected} == expected
+    assert (run.data.params["lr_schedule"], run.data.params["stop_on"]) == ("step", "any_metric")
     # per-epoch metrics: loss, samples/s, validation HR/NDCG at every K
     for key in ("train/loss", "train/samples_per_s", "valid/HR@5", "valid/HR@10", "valid/HR@20",
                 "valid/NDCG@5", "valid/NDCG@10", "valid/NDCG@20"):
