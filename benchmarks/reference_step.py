@@ -8,8 +8,8 @@ speed-ups can be read as ratios measured in one run, as the issue asks, instead 
 figure taken on another day on a shared machine. It is not used for training and its quality is
 never read. Timed beside the reference's own model classes (run from a scratch copy outside the
 project, same process, same batches), it trained at 0.90-1.04x their speed and evaluated at 1.00x
-on a Zen 4 VM, and at 0.93-1.38x and 1.03x on a Zen 5 VM (``docs/performance.md``, eleventh and
-twelfth sessions).
+on a Zen 4 VM, and at 0.93-1.38x and 1.03x on a Zen 5 VM (``docs/performance.md``, "Current
+figures by device").
 
 What it reproduces, per training step (batch 512, hidden 128, 4 blocks, 4 heads, T = 32):
 - a per-example Dataset + DataLoader that slices each prefix, left-pads it to max_len = 50 in

@@ -10,8 +10,8 @@ the heap, so after the first steps of each history length the memory is reused w
 Measured on a 2-core Zen 5 VM (bf16, Beauty, batch 512, separate processes): once the heap had
 grown, minor faults fell from thousands a step to near zero, and training samples/s rose 1.04-1.19x
 in 100-batch runs and 1.06-1.19x by whole epoch, with the same results bit for bit. Under Ray
-Train, whose worker trains in a thread, later epochs were level (``docs/performance.md``, twelfth
-session).
+Train, whose worker trains in a thread, later epochs were level (``docs/performance.md``, "Design
+choices behind the speed").
 
 The cost: the process keeps its peak heap until it exits, as torch's own CUDA caching allocator
 keeps GPU memory. Blocks larger than a 64 MB heap in a thread other than the main one still use

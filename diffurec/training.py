@@ -216,9 +216,9 @@ SCORE_ROWS = 256  # users scored against all items at once
 
 
 # (eval_batch_size, eval_batch_tokens) where the config leaves them to the device (0 and -1).
-# CPU: about 6,000 history tokens was the best batch at every history length on 2 cores (the
-# activations stay in cache; docs/performance.md, sixth session). GPU: fixed 4,096-user batches
-# ran at 1.7-3.3x the users/s of that budget on an H100 (S=32 and S=4; tenth session).
+# CPU: about 6,000 history tokens was the best batch at every history length on 2 Zen 4 cores (the
+# activations stay in cache). GPU: fixed 4,096-user batches ran at 1.7-3.3x the users/s of that
+# budget on an H100 (S=32 and S=4). docs/performance.md, "Design choices behind the speed".
 EVAL_BATCHING = {"cpu": (2048, 6144), "cuda": (4096, 0)}
 
 
