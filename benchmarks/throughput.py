@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffurec.config import Config  # noqa: E402
 from diffurec.data.sequences import eval_examples, load_sequences  # noqa: E402
+from diffurec.machine import cpu_description  # noqa: E402,F401 (tests import it from here)
 from diffurec.models import build_model  # noqa: E402
 from diffurec.training import (  # noqa: E402
     DDP_OPTIONS,
@@ -58,35 +59,6 @@ from diffurec.training import (  # noqa: E402
 )
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "beauty" / "interactions.parquet"
-
-
-def cpu_description(cpuinfo: str | None = None) -> str:
-    """The CPU the figures came from, e.g. ``AMD EPYC (family 26, model 2), 2 cpus, avx512_bf16``.
-
-    Printed with every result: this project's 2-core VMs have been both Zen 4 (family 25) and
-    Zen 5 (family 26) parts, and this model's bf16 matrix products run far faster on the second
-    while the float32, memory-bound reference step does not, so ratios are only comparable
-    between runs on the same kind of CPU.
-    """
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            import platform
-
-            return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
-    fields: dict[str, str] = {}  # the first processor's
-    cpus = 0
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-        cpus += key.strip() == "processor"
-    name = fields.get("model name", "unknown CPU")
-    if "cpu family" in fields and "model" in fields:
-        name += f" (family {fields['cpu family']}, model {fields['model']})"
-    flags = set(fields.get("flags", "").split())
-    extras = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return ", ".join([name, f"{cpus or os.cpu_count()} cpus", *extras])
 
 
 def load_data(path: str | None):

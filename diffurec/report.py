@@ -1,4 +1,10 @@
-"""docs/results.md and docs/results.json, regenerated from an MLflow store.
+"""docs/results.md and docs/results.json, regenerated from tracked runs.
+
+The runs come from the exported run files kept in the repository (``results/runs/``, see
+:mod:`diffurec.runs_export`; :func:`write_report_from_export`), so a fresh clone regenerates the
+same pages, or from a live MLflow store (:func:`write_report`). Both sources give the same run
+dicts (:func:`run_dict`) in the same order, so they give the same pages (but for the line naming
+the source, and for any machine path in a param, which the export makes repository-relative).
 
 Which runs count:
 - **main rows**: finished training runs (no parent run, not tagged ``ablation`` or
@@ -45,7 +51,24 @@ def dataset_label(tag: str | None) -> str:
     return name.lower()
 
 
+def run_dict(run_id: str, experiment: str, status: str, start_time: int | None, tags: dict[str, str],
+             params: dict[str, str], metrics: dict[str, float]) -> dict:
+    """One run as the report reads it; ``metrics`` are each key's latest value, MLflow names."""
+    return {
+        "run_id": run_id,
+        "experiment": experiment,
+        "status": status,
+        "start_time": start_time or 0,
+        "tags": tags,
+        "params": params,
+        "metrics": {library_metric_name(k): v for k, v in metrics.items()},
+        "dataset": dataset_label(tags.get("dataset") or tags.get("data_dir")),
+        "model": params.get("model") or tags.get("model", "unknown"),
+    }
+
+
 def load_runs(tracking_uri: str, experiments: list[str] | None = None) -> list[dict]:
+    """The runs of a live MLflow store, in MLflow's search order (newest start first)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
@@ -54,22 +77,28 @@ def load_runs(tracking_uri: str, experiments: list[str] | None = None) -> list[d
         exps = [e for e in exps if e.name in experiments]
     if not exps:
         raise DiffuRecError(f"no MLflow experiments found in {tracking_uri}")
-    runs = []
-    for run in client.search_runs([e.experiment_id for e in exps], max_results=50000):
-        tags = run.data.tags
-        params = run.data.params
-        runs.append({
-            "run_id": run.info.run_id,
-            "experiment": next(e.name for e in exps if e.experiment_id == run.info.experiment_id),
-            "status": run.info.status,
-            "start_time": run.info.start_time or 0,
-            "tags": tags,
-            "params": params,
-            "metrics": {library_metric_name(k): v for k, v in run.data.metrics.items()},
-            "dataset": dataset_label(tags.get("dataset") or tags.get("data_dir")),
-            "model": params.get("model") or tags.get("model", "unknown"),
-        })
-    return runs
+    names = {e.experiment_id: e.name for e in exps}
+    return [run_dict(run.info.run_id, names[run.info.experiment_id], run.info.status, run.info.start_time,
+                     run.data.tags, run.data.params, run.data.metrics)
+            for run in client.search_runs(list(names), max_results=50000)]
+
+
+def load_exported_runs(runs_dir: str | Path, experiments: list[str] | None = None) -> list[dict]:
+    """The runs exported under ``runs_dir``, as :func:`load_runs` gives them from the store."""
+    from diffurec.runs_export import latest_metrics, read_runs
+
+    hint = "(`python pipelines/runs.py export` writes them; --mlflow-uri reads a store instead)"
+    if not Path(runs_dir).is_dir():
+        raise DiffuRecError(f"no exported runs: {runs_dir} not found {hint}")
+    records = read_runs(runs_dir, experiments)
+    if not records:
+        which = f" of experiments {', '.join(experiments)}" if experiments else ""
+        raise DiffuRecError(f"no exported runs{which} in {runs_dir} {hint}")
+    # MLflow's search order (start time descending, then run id): ties in the report's sorts
+    # keep this order, so the store and its export give the same pages
+    records.sort(key=lambda r: (-(r["start_time"] or 0), r["run_id"]))
+    return [run_dict(r["run_id"], r["experiment"], r["status"], r["start_time"], r["tags"], r["params"],
+                     latest_metrics(r)) for r in records]
 
 
 def _config_key(params: dict[str, str]) -> tuple:
@@ -238,15 +267,47 @@ def plot_ablation(name: str, points: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # no "Software" (matplotlib version) chunk: the same data gives the same bytes across versions
+    fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
 
 
 def write_report(tracking_uri: str, out_dir: str | Path, experiments: list[str] | None = None,
-                 ui_base: str | None = None) -> dict:
+                 ui_base: str | None = None, root: str | Path = ".") -> dict:
+    """The pages from a live MLflow store; ``root``: the repository the page names paths from."""
+    source = f"the MLflow store `{store_label(tracking_uri, root)}`"
+    return write_report_from_runs(load_runs(tracking_uri, experiments), out_dir, source, ui_base)
+
+
+def write_report_from_export(runs_dir: str | Path, out_dir: str | Path, experiments: list[str] | None = None,
+                             ui_base: str | None = None, root: str | Path = ".") -> dict:
+    """The pages from exported run files (the default: ``results/runs/`` of the repository)."""
+    from diffurec.runs_export import portable_path
+
+    source = f"the exported runs in `{portable_path(Path(runs_dir).absolute(), root)}/`"
+    return write_report_from_runs(load_exported_runs(runs_dir, experiments), out_dir, source, ui_base)
+
+
+def store_label(tracking_uri: str, root: str | Path = ".") -> str:
+    """A store's URI as the page may show it: no machine path, no credentials."""
+    from urllib.parse import urlsplit
+
+    from diffurec.runs_export import portable_path
+
+    if tracking_uri.startswith("sqlite:///"):
+        return portable_path(tracking_uri[len("sqlite:///"):].split("?")[0].removeprefix("file:"), root)
+    parts = urlsplit(tracking_uri)
+    if parts.hostname:
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        return parts._replace(netloc=host, query="", fragment="").geturl()
+    return tracking_uri
+
+
+def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, ui_base: str | None = None) -> dict:
+    """Write results.md, results.json and the ablation plots; ``source`` names where the runs
+    came from on the page (repository-relative, so the page does not change with the machine)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(tracking_uri, experiments)
     rows = main_groups(runs)
     heads = headline(rows)
     abl = ablations(runs)
@@ -265,7 +326,7 @@ def write_report(tracking_uri: str, out_dir: str | Path, experiments: list[str] 
 
     link = (lambda rid: f"[{rid[:8]}]({ui_base.rstrip('/')}/#/runs/{rid})") if ui_base else (lambda rid: f"`{rid[:8]}`")
     lines = ["# Results", "",
-             f"Generated by `python pipelines/report.py` from `{tracking_uri}`; do not edit by hand.",
+             f"Generated by `python pipelines/report.py` from {source}; do not edit by hand.",
              "Full ranking over all items, leave-one-out, test split, in %. Mean ± std over the runs (seeds)",
              "of one config; `n` runs. Paper figures alongside.", ""]
     lines += ["## Main results", "",

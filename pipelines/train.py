@@ -207,6 +207,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from diffurec.data.batches import BUCKET_WINDOW, iterate_window_batches, num_batches
     from diffurec.data.sequences import load_sequences, train_examples
+    from diffurec.machine import machine_description
     from diffurec.metrics import RankingMetrics
     from diffurec.models import build_model
     from diffurec.tracking import MLflowRun, config_params
@@ -267,6 +268,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             run_name=loop_config.get("run_name"), parent_run_id=loop_config.get("parent_run_id"),
                             tags={"model": cfg.model, "data_dir": str(loop_config["data_dir"]),
                                   "num_workers": str(world), "device": device.type,
+                                  "machine": machine_description(device),
                                   "torch_threads": str(torch.get_num_threads()),
                                   **{k: str(v) for k, v in (loop_config.get("tags") or {}).items()}},
                             run_id=mlflow_run_id)
