@@ -112,6 +112,7 @@ def cmd_train(args) -> dict:
 
     tracker = None
     if not args.no_mlflow:
+        from diffurec.machine import machine_description
         from diffurec.tracking import MLflowRun, config_params, resolve_tracking_uri
 
         uri = resolve_tracking_uri(args.mlflow_uri, cfg.output_dir)
@@ -119,6 +120,7 @@ def cmd_train(args) -> dict:
         run_id = id_file.read_text().strip() if resume_from and id_file.is_file() else None
         tracker = MLflowRun(uri, experiment=args.experiment, run_name=name, run_id=run_id,
                             tags={"dataset": dataset_name(args.data), "data_path": str(args.data),
+                                  "machine": machine_description(device),
                                   "model": cfg.model, **parse_tags(args.tag)})
         tracker.log_params(config_params(cfg))
         run_dir.mkdir(parents=True, exist_ok=True)
