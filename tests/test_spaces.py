@@ -29,7 +29,7 @@ def checked(path: Path, base: Config | None = None):
     return space
 
 
-@pytest.mark.parametrize("name", ["default", "schedules", "reverse_steps", "lambda"])
+@pytest.mark.parametrize("name", ["default", "schedules", "reverse_steps", "lambda", "quality"])
 def test_shipped_spaces_are_valid(name):
     space = checked(SPACES / f"{name}.yaml")
     for seed in range(20):
@@ -159,3 +159,13 @@ def test_malformed_files(tmp_path):
         load_space(write(tmp_path, {"params": {"lr": [0.1, 0.2]}}))
     with pytest.raises(DiffuRecError, match="num_samples"):
         parse_space({"num_samples": 0, "params": {"lr": {"uniform": [0.1, 0.2]}}})
+
+
+def test_quality_space_has_the_knobs_that_move_quality():
+    space = load_space(SPACES / "quality.yaml")
+    assert set(space.params) >= {
+        "noise_schedule", "diffusion_steps", REVERSE_FRACTION, "lambda_mean", "lambda_std", "lr", "lr_schedule",
+        "weight_decay", "dropout", "emb_dropout", "hidden_size", "num_blocks", "num_heads", "max_len",
+        "positional_embedding", "batch_size"}
+    # lambda reaches the scale of the history's embeddings
+    assert space.params["lambda_mean"].high >= 1.0
