@@ -24,11 +24,12 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from diffurec.errors import DiffuRecError
-from diffurec.tracking import library_metric_name
+from diffurec.tracking import library_metric_name, mlflow_metric_name
 
 # Paper figures (full ranking, leave-one-out, %), and the public SASRec-CE re-run on Beauty.
 PAPER = {
@@ -51,9 +52,25 @@ def dataset_label(tag: str | None) -> str:
     return name.lower()
 
 
+# validation metrics read at each run's best epoch (its checkpoint), not at its last epoch
+BEST_EPOCH_METRICS = ("valid/NDCG@10", "valid/HR@10")
+
+
 def run_dict(run_id: str, experiment: str, status: str, start_time: int | None, tags: dict[str, str],
-             params: dict[str, str], metrics: dict[str, float]) -> dict:
-    """One run as the report reads it; ``metrics`` are each key's latest value, MLflow names."""
+             params: dict[str, str], metrics: dict[str, float],
+             history: Callable[[str], list[tuple[int, float]]] | None = None) -> dict:
+    """One run as the report reads it; ``metrics`` are each key's latest value, MLflow names.
+
+    ``history(key)`` gives a metric's (step, value) points (MLflow name): with it, the
+    validation metrics at the best epoch are added as ``best/valid/...``.
+    """
+    metrics = {library_metric_name(k): v for k, v in metrics.items()}
+    best_epoch = metrics.get("best_epoch")
+    if history is not None and best_epoch is not None:
+        for key in BEST_EPOCH_METRICS:
+            at_best = [v for step, v in history(mlflow_metric_name(key)) if step == int(best_epoch)]
+            if at_best:
+                metrics[f"best/{key}"] = at_best[-1]
     return {
         "run_id": run_id,
         "experiment": experiment,
@@ -61,7 +78,7 @@ def run_dict(run_id: str, experiment: str, status: str, start_time: int | None, 
         "start_time": start_time or 0,
         "tags": tags,
         "params": params,
-        "metrics": {library_metric_name(k): v for k, v in metrics.items()},
+        "metrics": metrics,
         "dataset": dataset_label(tags.get("dataset") or tags.get("data_dir")),
         "model": params.get("model") or tags.get("model", "unknown"),
     }
@@ -78,8 +95,11 @@ def load_runs(tracking_uri: str, experiments: list[str] | None = None) -> list[d
     if not exps:
         raise DiffuRecError(f"no MLflow experiments found in {tracking_uri}")
     names = {e.experiment_id: e.name for e in exps}
+    def history(run_id):
+        return lambda key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
     return [run_dict(run.info.run_id, names[run.info.experiment_id], run.info.status, run.info.start_time,
-                     run.data.tags, run.data.params, run.data.metrics)
+                     run.data.tags, run.data.params, run.data.metrics, history(run.info.run_id))
             for run in client.search_runs(list(names), max_results=50000)]
 
 
@@ -97,8 +117,11 @@ def load_exported_runs(runs_dir: str | Path, experiments: list[str] | None = Non
     # MLflow's search order (start time descending, then run id): ties in the report's sorts
     # keep this order, so the store and its export give the same pages
     records.sort(key=lambda r: (-(r["start_time"] or 0), r["run_id"]))
+    def history(record):
+        return lambda key: [(step, value) for step, _, value in record["metrics"].get(key, [])]
+
     return [run_dict(r["run_id"], r["experiment"], r["status"], r["start_time"], r["tags"], r["params"],
-                     latest_metrics(r)) for r in records]
+                     latest_metrics(r), history(r)) for r in records]
 
 
 def _config_key(params: dict[str, str]) -> tuple:
@@ -143,19 +166,22 @@ def main_groups(runs: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in runs:
         t = r["tags"]
-        if (r["status"] != "FINISHED" or "mlflow.parentRunId" in t or "ablation" in t
+        # an ablation point trained to the end of its protocol is a config like any other; one
+        # cut to a small budget is comparable only within its ablation
+        if (r["status"] != "FINISHED" or "mlflow.parentRunId" in t or ("ablation" in t and "budget" in t)
                 or t.get("kind") in ("evaluation", "sweep") or "test/NDCG@10" not in r["metrics"]):
             continue
         groups[(r["dataset"], r["model"], _config_key(r["params"]))].append(r)
     rows = []
     for (dataset, model, _), members in groups.items():
         members.sort(key=lambda r: r["params"].get("seed", ""))
-        metrics = sorted({k for r in members for k in r["metrics"] if k.startswith(("test/", "valid/"))
+        metrics = sorted({k for r in members for k in r["metrics"] if k.startswith(("test/", "valid/", "best/"))
                           or k in ("seconds_to_best", "best_epoch")})
         row = {"dataset": dataset, "model": model, "runs": [r["run_id"] for r in members],
                "budget": sorted({r["tags"]["budget"] for r in members if "budget" in r["tags"]}),
                "epochs_run": [int(r["metrics"].get("best_epoch", 0)) for r in members],
                "seeds": [r["params"].get("seed") for r in members],
+               "machines": sorted({r["tags"]["machine"] for r in members if "machine" in r["tags"]}),
                # the newest run's config: a resumed older run may carry a stale epochs cap
                "config": _typed(max(members, key=lambda r: r.get("start_time", 0))["params"])}
         for k in metrics:
@@ -170,10 +196,14 @@ def main_groups(runs: list[dict]) -> list[dict]:
 def headline(rows: list[dict]) -> dict:
     """{dataset: {model: row}}: the row with most runs, ties broken by validation NDCG@10."""
     best: dict[str, dict[str, dict]] = defaultdict(dict)
+
+    def score(row):
+        valid = row.get("best/valid/NDCG@10") or row.get("valid/NDCG@10") or {}
+        return len(row["runs"]), valid.get("mean", 0.0)
+
     for row in rows:
-        score = (len(row["runs"]), row.get("valid/NDCG@10", {}).get("mean", 0.0))
         current = best[row["dataset"]].get(row["model"])
-        if current is None or score > (len(current["runs"]), current.get("valid/NDCG@10", {}).get("mean", 0.0)):
+        if current is None or score(row) > score(current):
             best[row["dataset"]][row["model"]] = row
     return {d: dict(sorted(m.items())) for d, m in sorted(best.items())}
 
@@ -200,9 +230,12 @@ def ablations(runs: list[dict]) -> dict[str, list[dict]]:
                 point["labelled"] = True  # a variant at this value (e.g. a fixed lambda), not the sweep
             if "budget" in r["tags"]:
                 point["budget"] = r["tags"]["budget"]
-            for k in ("valid/NDCG@10", "test/NDCG@10", "valid/HR@10", "test/HR@10", "seconds_to_best"):
+            for k in ("valid/NDCG@10", "test/NDCG@10", "valid/HR@10", "test/HR@10", "seconds_to_best", "best_epoch"):
                 if k in r["metrics"]:
                     point[k] = r["metrics"][k]
+            for k in BEST_EPOCH_METRICS:  # a finished run's selection point, not its last epoch
+                if f"best/{k}" in r["metrics"]:
+                    point[k] = r["metrics"][f"best/{k}"]
             out[key].append(point)
     for points in out.values():
         points.sort(key=lambda p: (p["dataset"], _sort_key(p["value"]), p["label"]))
@@ -331,20 +364,29 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
              "of one config; `n` runs. Paper figures alongside.", ""]
     lines += ["## Main results", "",
               "| dataset | model | config | n | " + " | ".join(TABLE_METRICS)
-              + " | valid NDCG@10 (last epoch) | train s to best | runs |",
-              "|---|---|---|---|" + "---|" * len(TABLE_METRICS) + "---|---|---|"]
+              + " | valid NDCG@10 | best epoch | train s to best | runs |",
+              "|---|---|---|---|" + "---|" * len(TABLE_METRICS) + "---|---|---|---|"]
+    machines: dict[str, list[str]] = defaultdict(list)
     for row in rows:
         cells = [_fmt(row.get(m)) for m in TABLE_METRICS]
         secs = row.get("seconds_to_best")
         secs = f"{secs['mean']:.0f}" if secs else "-"
+        best_epoch = _fmt(row.get("best_epoch"), scale=1.0).replace(".00", "") if row.get("best_epoch") else "-"
+        valid = row.get("best/valid/NDCG@10") or row.get("valid/NDCG@10")
         head = heads.get(row["dataset"], {}).get(row["model"])
         lines.append(f"| {row['dataset']} | {row['model']} | {_config_diff(row, head)} | {len(row['runs'])} | "
-                     + " | ".join(cells) + f" | {_fmt(row.get('valid/NDCG@10'))} | {secs} | "
+                     + " | ".join(cells) + f" | {_fmt(valid)} | {best_epoch} | {secs} | "
                      + ", ".join(link(r) for r in row["runs"]) + " |")
+        for machine in row.get("machines", []):
+            machines[machine] += [link(r) for r in row["runs"]]
     for (dataset, model), fig in sorted(PAPER.items()):
         cells = [f"{fig[m]:.2f}" if m in fig else "-" for m in TABLE_METRICS]
         label = "paper" if model == "diffurec" else "public re-run"
-        lines.append(f"| {dataset} | {model} ({label}) | - | - | " + " | ".join(cells) + " | - | - | - |")
+        lines.append(f"| {dataset} | {model} ({label}) | - | - | " + " | ".join(cells) + " | - | - | - | - |")
+    lines += ["", "Valid NDCG@10 is read at each run's best epoch (the checkpoint tested). Train s to best: "
+              "training seconds up to the best epoch, validation excluded."]
+    if machines:
+        lines += ["Machines: " + "; ".join(f"{m} ({', '.join(runs)})" for m, runs in sorted(machines.items())) + "."]
     lines.append("")
     cut = [row for row in rows if row["budget"]]
     if cut:

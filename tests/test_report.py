@@ -33,15 +33,15 @@ def tiny_store(tmp_path_factory):
     sas = fake_run(uri, "beauty", "sasrec", 1, 0.03)
     fake_run(uri, "beauty", "diffurec", 1, 0.02, lr=0.01)  # a second config: its own row, not the headline
     for S, v in ((1, 0.02), (4, 0.045), (32, 0.05)):
-        fake_run(uri, "beauty", "diffurec", 1, v, tags={"ablation": "reverse_steps"}, reverse_steps=S)
+        fake_run(uri, "beauty", "diffurec", 1, v, tags={"budget": "5 epochs", "ablation": "reverse_steps"}, reverse_steps=S)
     for sched in ("linear", "cosine"):
-        fake_run(uri, "beauty", "diffurec", 1, 0.03, tags={"ablation": "noise_schedule"}, noise_schedule=sched)
-    fake_run(uri, "beauty", "diffurec", 1, 0.03, tags={"ablation": "positional_embedding"}, positional_embedding=True)
+        fake_run(uri, "beauty", "diffurec", 1, 0.03, tags={"budget": "5 epochs", "ablation": "noise_schedule"}, noise_schedule=sched)
+    fake_run(uri, "beauty", "diffurec", 1, 0.03, tags={"budget": "5 epochs", "ablation": "positional_embedding"}, positional_embedding=True)
     # one default-config run is the shared baseline point of two ablations
-    fake_run(uri, "beauty", "diffurec", 1, 0.035, tags={"ablation": "noise_schedule, positional_embedding"})
+    fake_run(uri, "beauty", "diffurec", 1, 0.035, tags={"budget": "5 epochs", "ablation": "noise_schedule, positional_embedding"})
     for lam in (0.0, 0.001, 0.1):  # a sweep through 0 spanning decades, plus a labelled variant
-        fake_run(uri, "beauty", "diffurec", 1, 0.03, tags={"ablation": "lambda_mean"}, lambda_mean=lam)
-    fake_run(uri, "beauty", "diffurec", 1, 0.028, tags={"ablation": "lambda_mean", "ablation_value": "0.001",
+        fake_run(uri, "beauty", "diffurec", 1, 0.03, tags={"budget": "5 epochs", "ablation": "lambda_mean"}, lambda_mean=lam)
+    fake_run(uri, "beauty", "diffurec", 1, 0.028, tags={"budget": "5 epochs", "ablation": "lambda_mean", "ablation_value": "0.001",
                                                       "ablation_label": "0.001 fixed"}, lambda_std=0.0)
     failed = MLflowRun(uri, experiment="results", tags={"dataset": "beauty"})
     failed.finish("FAILED")
@@ -130,3 +130,33 @@ def test_report_without_exported_runs_is_a_clear_error(tmp_path):
                            "--out", str(tmp_path / "docs")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no exported runs in" in proc.stderr
     assert not (tmp_path / "docs").exists()
+
+
+def test_full_protocol_ablation_points_are_main_rows_with_validation_at_the_best_epoch(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ids = {}
+    for value, sets, curve in (("ours", {}, (0.040, 0.050, 0.045)),
+                               ("reference", {"gelu": "tanh"}, (0.030, 0.055, 0.052))):
+        cfg = Config().with_overrides({"seed": 1, **sets})
+        run = MLflowRun(uri, experiment="results", run_name=value,
+                        tags={"dataset": "beauty", "model": "diffurec", "machine": "Some CPU, 2 cpus",
+                              "ablation": "reference_transformer", "ablation_value": value})
+        run.log_params(config_params(cfg))
+        for epoch, v in enumerate(curve, 1):
+            run.log_metrics({"valid/NDCG@10": v, "valid/HR@10": 2 * v}, step=epoch)
+        run.log_metrics({"test/NDCG@10": 0.04, "test/HR@10": 0.08, "best_epoch": 2, "seconds_to_best": 30.0},
+                        step=3)
+        run.finish()
+        ids[value] = run.run_id
+    write_report(uri, tmp_path / "docs")
+    results = json.loads((tmp_path / "docs" / "results.json").read_text())
+    points = {p["value"]: p for p in results["_ablations"]["reference_transformer"]}
+    # validation at the best epoch (2), not at the last (3)
+    assert points["ours"]["valid/NDCG@10"] == pytest.approx(0.050)
+    assert points["reference"]["valid/NDCG@10"] == pytest.approx(0.055)
+    md = (tmp_path / "docs" / "results.md").read_text()
+    # both are main rows (no budget tag); the better one on validation is the headline
+    assert results["beauty"]["diffurec"]["runs"] == [ids["reference"]]
+    assert "| beauty | diffurec | gelu=exact | 1 |" in md and "| beauty | diffurec | headline | 1 |" in md
+    assert "| 5.50 | 2 | 30 |" in md
+    assert "Machines: Some CPU, 2 cpus" in md
