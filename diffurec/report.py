@@ -12,7 +12,8 @@ Which runs count:
   runtime keys). Each group is one row: mean ± std over its runs (seeds). ``results.json`` keeps,
   per dataset and model, the group with the most runs (ties: best mean validation NDCG@10).
 - **ablations**: runs tagged ``ablation=<config key>``; the x value is that key's param. A run
-  tagged with several comma-separated keys is the shared baseline of each. Training
+  tagged with several comma-separated keys is the shared baseline of each (``ablation_value.<key>``
+  tags give its value where the key is no config key). Training
   ablations are training runs; the reverse-steps ablation is ``python -m diffurec evaluate
   --track --tag ablation=reverse_steps`` runs of one trained model.
 
@@ -219,7 +220,10 @@ def ablations(runs: list[dict]) -> dict[str, list[dict]]:
             # a run tagged with several keys (``ablation=noise_schedule,positional_embedding``) is
             # the shared baseline point of each; its value is its own param for every key
             single = len(keys) == 1
-            value = (r["tags"].get("ablation_value") if single else None) or r["params"].get(key)
+            # ``ablation_value.<key>`` names a shared baseline's value for one of its keys (needed
+            # where the key is not a config key, e.g. a bundle of several)
+            value = (r["tags"].get("ablation_value") if single else r["tags"].get(f"ablation_value.{key}")
+                     ) or r["params"].get(key)
             if value is None and key in config:
                 value = str(config[key])
             labelled = single and "ablation_label" in r["tags"]

@@ -135,12 +135,15 @@ def test_report_without_exported_runs_is_a_clear_error(tmp_path):
 def test_full_protocol_ablation_points_are_main_rows_with_validation_at_the_best_epoch(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ids = {}
-    for value, sets, curve in (("ours", {}, (0.040, 0.050, 0.045)),
-                               ("reference", {"gelu": "tanh"}, (0.030, 0.055, 0.052))):
+    # the baseline is a point of two ablations, one of them over a bundle of keys
+    baseline_tags = {"ablation": "reference_transformer,gelu", "ablation_value.reference_transformer": "ours"}
+    for value, sets, curve, tags in (
+            ("ours", {}, (0.040, 0.050, 0.045), baseline_tags),
+            ("reference", {"gelu": "tanh"}, (0.030, 0.055, 0.052),
+             {"ablation": "reference_transformer", "ablation_value": "reference"})):
         cfg = Config().with_overrides({"seed": 1, **sets})
         run = MLflowRun(uri, experiment="results", run_name=value,
-                        tags={"dataset": "beauty", "model": "diffurec", "machine": "Some CPU, 2 cpus",
-                              "ablation": "reference_transformer", "ablation_value": value})
+                        tags={"dataset": "beauty", "model": "diffurec", "machine": "Some CPU, 2 cpus", **tags})
         run.log_params(config_params(cfg))
         for epoch, v in enumerate(curve, 1):
             run.log_metrics({"valid/NDCG@10": v, "valid/HR@10": 2 * v}, step=epoch)
@@ -154,6 +157,7 @@ def test_full_protocol_ablation_points_are_main_rows_with_validation_at_the_best
     # validation at the best epoch (2), not at the last (3)
     assert points["ours"]["valid/NDCG@10"] == pytest.approx(0.050)
     assert points["reference"]["valid/NDCG@10"] == pytest.approx(0.055)
+    assert [p["value"] for p in results["_ablations"]["gelu"]] == ["exact"]
     md = (tmp_path / "docs" / "results.md").read_text()
     # both are main rows (no budget tag); the better one on validation is the headline
     assert results["beauty"]["diffurec"]["runs"] == [ids["reference"]]
