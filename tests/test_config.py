@@ -9,6 +9,9 @@ def test_defaults_are_the_reference():
     assert (cfg.hidden_size, cfg.num_blocks, cfg.num_heads, cfg.max_len, cfg.batch_size) == (128, 4, 4, 50, 512)
     assert (cfg.diffusion_steps, cfg.noise_schedule, cfg.lambda_mean, cfg.lambda_std) == (32, "trunc_lin", 0.001, 0.001)
     assert (cfg.dropout, cfg.emb_dropout, cfg.positional_embedding) == (0.1, 0.3, False)
+    # the reference's Transformer block
+    assert (cfg.gelu, cfg.dropout_placement, cfg.layer_norm_eps, cfg.linear_init, cfg.ce_padding_column) == (
+        "tanh", "reference", 1e-12, "xavier", True)
 
 
 @pytest.mark.parametrize("sets,match", [

@@ -112,9 +112,13 @@ def test_reference_block_options():
     for layer, (fan_in, fan_out) in ((block.ffn[0], (32, 128)), (block.ffn[2], (128, 32)), (block.out, (32, 32))):
         want = math.sqrt(2 / (fan_in + fan_out))
         assert abs(layer.weight.std().item() - want) < 0.15 * want
-    # the default block keeps torch's init (uniform, bound 1/sqrt(fan_in)) and no extra dropout
-    plain = approximator.Block(hidden=32, heads=4, dropout=0.1)
+    # the reference block is the default; the project's keeps torch's init (uniform, bound
+    # 1/sqrt(fan_in)) and no extra dropout
+    assert approximator.BlockOptions() == approximator.BlockOptions.from_config(Config()) == opts
+    plain = approximator.Block(hidden=32, heads=4, dropout=0.1, options=approximator.BlockOptions.project())
     assert plain.ffn[0].weight.abs().max() <= 32 ** -0.5 and plain.extra_dropout is None
+    assert approximator.BlockOptions.project() == approximator.BlockOptions.from_config(
+        tiny("gelu=exact", "dropout_placement=residual", "layer_norm_eps=1e-5", "linear_init=torch"))
 
 
 def test_tanh_gelu_is_used_in_training_and_inference():
@@ -150,7 +154,7 @@ def test_reference_dropout_drops_the_block_output_in_training_only():
 @pytest.mark.parametrize("model", ["diffurec", "sasrec"])
 def test_ce_padding_column_adds_the_padding_row_to_the_softmax(model):
     torch.manual_seed(0)
-    cfg = tiny(f"model={model}", "dropout=0", "emb_dropout=0", "lambda_std=0")
+    cfg = tiny(f"model={model}", "dropout=0", "emb_dropout=0", "lambda_std=0", "ce_padding_column=false")
     net = build_model(cfg, 20).train()
     rep = torch.randn(6, 32)
     target = torch.randint(1, 21, (6,))

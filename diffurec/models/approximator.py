@@ -139,17 +139,19 @@ def _heads(y: torch.Tensor, parts: int, heads: int) -> tuple[torch.Tensor, ...]:
 
 @dataclass(frozen=True)
 class BlockOptions:
-    """How a block differs from the reference Transformer's (each a config key, for its ablation).
+    """The block's behaviours, each a config key for its ablation.
 
-    The defaults are this project's block; ``reference()`` is the reference code's: tanh GELU,
-    dropout also on the feed-forward's hidden activation and the block's output, LayerNorm
-    epsilon 1e-12, Xavier-normal feed-forward and attention-output weights.
+    The defaults are the reference code's block (``Config``'s defaults): tanh GELU, dropout also
+    on the feed-forward's hidden activation and the block's output, LayerNorm epsilon 1e-12,
+    Xavier-normal feed-forward and attention-output weights. ``project()`` is the block this
+    project used before: exact GELU, dropout on the residual branches and attention weights
+    only, torch's epsilon and initialisation.
     """
 
-    gelu: str = "exact"  # or "tanh"
-    reference_dropout: bool = False
-    layer_norm_eps: float = 1e-5
-    xavier_init: bool = False
+    gelu: str = "tanh"  # or "exact"
+    reference_dropout: bool = True
+    layer_norm_eps: float = 1e-12
+    xavier_init: bool = True
 
     @classmethod
     def from_config(cls, cfg) -> BlockOptions:
@@ -159,6 +161,10 @@ class BlockOptions:
     @classmethod
     def reference(cls) -> BlockOptions:
         return cls(gelu="tanh", reference_dropout=True, layer_norm_eps=1e-12, xavier_init=True)
+
+    @classmethod
+    def project(cls) -> BlockOptions:
+        return cls(gelu="exact", reference_dropout=False, layer_norm_eps=1e-5, xavier_init=False)
 
 
 class Block(nn.Module):
