@@ -15,11 +15,11 @@ DATA=outputs/data/beauty
 THREADS=$(( $(nproc) / LANES )); [ "$THREADS" -ge 1 ] || THREADS=1
 COMMON=(--data "$DATA" --experiment beauty --no-progress --config configs/fast_protocol.yaml
         --set precision=bf16 --set threads="$THREADS")
-# the reference code's Transformer block (README, "Configuration")
-REFERENCE_BLOCK=(--set gelu=tanh --set dropout_placement=reference --set layer_norm_eps=1e-12
-                 --set linear_init=xavier --set ce_padding_column=true)
+# the block this project used before the reference's became the default (README, "Configuration")
+PROJECT_BLOCK=(--set gelu=exact --set dropout_placement=residual --set layer_norm_eps=1e-5
+               --set linear_init=torch --set ce_padding_column=false)
 SASREC=(--set model=sasrec --set num_blocks=2 --set num_heads=1 --set dropout=0.5 --set emb_dropout=0.5
-        --set positional_embedding=true)
+        --set positional_embedding=true "${PROJECT_BLOCK[@]}")
 [ -f "$DATA/stats.json" ] || python -m diffurec split --data ../shared/datasets/beauty/interactions.parquet --out "$DATA"
 mkdir -p outputs/logs
 
@@ -33,11 +33,11 @@ run() {  # name, then train args; resumes a run that was cut off, skips a finish
 
 jobs_list=()
 for seed in $SEEDS; do
-  jobs_list+=("beauty-cos40-reftf-s$seed ${REFERENCE_BLOCK[*]} --set seed=$seed")
+  jobs_list+=("beauty-cos40-reftf-s$seed --set seed=$seed")
 done
 first=$(echo "$SEEDS" | awk '{print $1}')
 jobs_list+=(
-  "beauty-cos40-s$first --set seed=$first --tag ablation=reference_transformer --tag ablation_value.reference_transformer=project_block"
+  "beauty-cos40-s$first --set seed=$first ${PROJECT_BLOCK[*]} --tag ablation=reference_transformer --tag ablation_value.reference_transformer=project_block"
   "beauty-sasrec-cos40-s$first --set seed=$first ${SASREC[*]}"
 )
 # the first seed's reference-block run is also the reference_transformer ablation's point
