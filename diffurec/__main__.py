@@ -1,4 +1,4 @@
-"""``python -m diffurec split|train|evaluate``: each prints one JSON line of results on stdout.
+"""``python -m diffurec split|train|evaluate|recommend``: each prints one JSON line of results on stdout.
 
 User errors (bad paths, bad config, bad data) print one ``error: ...`` line on stderr and exit 2.
 """
@@ -185,10 +185,20 @@ def cmd_evaluate(args) -> dict:
     splits = ("valid", "test") if args.split == "both" else (args.split,)
     out = {"checkpoint": str(args.checkpoint), "split": args.split, "reverse_steps": cfg.reverse_steps,
            "users": len(data)}
+    detailed = args.segments or args.beyond_accuracy
     for split in splits:
         began = time.perf_counter()
-        metrics = evaluate(model, data, split, cfg, device, reverse_steps=cfg.reverse_steps,
-                           progress=not args.no_progress)
+        if detailed:
+            # one pass: the usual metrics plus segments and/or beyond-accuracy (diffurec/evaluation.py)
+            from diffurec.evaluation import evaluate_detailed
+
+            metrics = evaluate_detailed(model, data, split, cfg, device, reverse_steps=cfg.reverse_steps,
+                                        segments=args.segments, beyond_accuracy=args.beyond_accuracy,
+                                        threshold=args.history_threshold, head_share=args.head_share,
+                                        progress=not args.no_progress)
+        else:
+            metrics = evaluate(model, data, split, cfg, device, reverse_steps=cfg.reverse_steps,
+                               progress=not args.no_progress)
         out[f"{split}/users_per_s"] = round(len(data) / (time.perf_counter() - began), 1)
         out.update({f"{split}/{k}": v for k, v in metrics.items()})
     if args.track:
@@ -199,12 +209,30 @@ def cmd_evaluate(args) -> dict:
         tracker = MLflowRun(resolve_tracking_uri(args.mlflow_uri, cfg.output_dir), experiment=args.experiment,
                             run_name=f"eval-{Path(args.checkpoint).parent.name}-S{cfg.reverse_steps}",
                             tags={"kind": "evaluation", "dataset": dataset_name(args.data), "model": cfg.model,
-                                  "checkpoint": str(Path(args.checkpoint).resolve()), **parse_tags(args.tag)})
+                                  "checkpoint": str(Path(args.checkpoint).resolve()),
+                                  **({"segments": "true"} if args.segments else {}),
+                                  **({"beyond_accuracy": "true"} if args.beyond_accuracy else {}),
+                                  **parse_tags(args.tag)})
         tracker.log_params(config_params(cfg))
         tracker.log_metrics({k: v for k, v in out.items() if k.startswith(("valid/", "test/"))})
         tracker.finish()
         out["mlflow_run_id"] = tracker.run_id
     return out
+
+
+def cmd_recommend(args) -> dict:
+    """Top-K lists of every user in this process (pipelines/recommend.py: the same with Ray Data)."""
+    from diffurec.recommend import open_recommender, recommend_to_parquet
+
+    rec, _, what = open_recommender(args.model, args.data, k=args.k,
+                                    exclude_history=True if args.exclude_history else None,
+                                    reverse_steps=args.reverse_steps, sets=args.set, tracking_uri=args.mlflow_uri)
+    if rec.cfg.threads:  # --set threads=N
+        import torch
+
+        torch.set_num_threads(rec.cfg.threads)
+    return recommend_to_parquet(rec, args.data, args.output, model=what, overwrite=args.overwrite,
+                                progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,8 +273,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", action="append", metavar="KEY=VALUE", help="MLflow tag (with --track)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="evaluation-time keys, e.g. exclude_history=true, reverse_samples=4")
+    p.add_argument("--segments", action="store_true",
+                   help="also metrics by history length (short/long) and target popularity (head/tail)")
+    p.add_argument("--beyond-accuracy", action="store_true",
+                   help="also coverage, novelty, popularity and intra-list diversity of the top-10/20 lists")
+    p.add_argument("--history-threshold", type=int, metavar="N",
+                   help="short history = at most N items before the target (default: the median)")
+    p.add_argument("--head-share", type=float, default=0.2, metavar="X",
+                   help="head items = the most popular items holding this share of training interactions")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("recommend", help="top-K recommendations for every user, in this process")
+    p.add_argument("--model", required=True,
+                   help="checkpoint (best.pt), MLflow model URI (models:/NAME@champion, runs:/ID/recommender) "
+                        "or registered model name")
+    p.add_argument("--data", required=True, help="the prepared dataset the model was trained on")
+    p.add_argument("--output", required=True, help="output folder (parquet: user_id, rank, item_id, score)")
+    p.add_argument("--k", type=int, default=20, help="list length (default 20)")
+    p.add_argument("--exclude-history", action="store_true", help="leave the user's known items out of the list")
+    p.add_argument("--reverse-steps", type=int, help="DiffuRec reverse steps S (default: the model's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="inference-time config keys, e.g. reverse_samples=4, deterministic_reverse=true")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier recommendations folder")
+    p.add_argument("--mlflow-uri", help="MLflow store for models:/ URIs and registered names")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_recommend)
 
     args = parser.parse_args(argv)
     try:

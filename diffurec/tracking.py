@@ -172,3 +172,40 @@ class MLflowRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    # ---- the servable model (diffurec.serving) ------------------------------------------------
+    @contextmanager
+    def _as_active_run(self):
+        """This run as MLflow's active (fluent) run, for flavors' ``log_model``; afterwards the
+        previous tracking URI and environment are restored and the run keeps its status (the
+        fluent ``start_run`` would end it FINISHED). The same steps as :meth:`log_model`."""
+        status = self.client.get_run(self.run_id).info.status
+        previous = self.mlflow.get_tracking_uri()
+        previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+        self.mlflow.set_tracking_uri(self.tracking_uri)
+        try:
+            with self.mlflow.start_run(run_id=self.run_id):
+                yield
+        finally:
+            self.mlflow.set_tracking_uri(previous)
+            if previous_env is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous_env
+            if status == "RUNNING":
+                self.client.update_run(self.run_id, status="RUNNING")
+            else:
+                self.client.set_terminated(self.run_id, status=status)
+
+    def log_recommender(self, checkpoint: str | Path, data_dir: str | Path, name: str = "recommender",
+                        registered_model_name: str | None = None, alias: str | None = None):
+        """The model as a servable MLflow pyfunc (``diffurec.serving``: history of the log's item
+        ids in, top-K ids and scores out; checkpoint and id mapping as artifacts). Optionally
+        registered, and ``alias`` (e.g. ``champion``) set on the new version. Returns the ModelInfo."""
+        from diffurec.serving import log_pyfunc
+
+        with self._as_active_run():
+            info = log_pyfunc(checkpoint, data_dir, name=name, registered_model_name=registered_model_name)
+        if alias and registered_model_name and info.registered_model_version is not None:
+            self.client.set_registered_model_alias(registered_model_name, alias, str(info.registered_model_version))
+        return info

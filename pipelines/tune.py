@@ -51,6 +51,7 @@ from diffurec.errors import DiffuRecError  # noqa: E402
 from pipelines._common import init_ray, new_run_name, print_error  # noqa: E402
 
 METRIC = "valid/NDCG@10"
+CHAMPION_ALIAS = "champion"  # the registry alias set on the best trial's registered version
 MODE = "max"
 DEFAULT_SPACE = _REPO / "tune_spaces" / "default.yaml"
 DEFAULT_EXPERIMENT = "diffurec-tune"
@@ -464,9 +465,15 @@ def register_best(uri: str, run_id: str | None, checkpoint: str | None, model_na
     model, _, _ = load_checkpoint(checkpoint, "cpu")
     info = tracker.log_model(model, registered_model_name=model_name)
     version = info.registered_model_version
+    alias = None
     if version is not None:
         tracker.client.set_model_version_tag(model_name, str(version), "sweep", sweep)
-    return {"name": model_name, "version": str(version), "model_uri": info.model_uri}
+        # the sweep's best becomes the registered model's champion (an alias: stages are deprecated),
+        # moved from any earlier version; `models:/<name>@champion` then names it for
+        # pipelines/recommend.py and `python -m diffurec recommend` (docs/recommend.md)
+        tracker.client.set_registered_model_alias(model_name, CHAMPION_ALIAS, str(version))
+        alias = CHAMPION_ALIAS
+    return {"name": model_name, "version": str(version), "model_uri": info.model_uri, "alias": alias}
 
 
 # ---- main -------------------------------------------------------------------------------------
