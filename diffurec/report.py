@@ -246,6 +246,70 @@ def ablations(runs: list[dict]) -> dict[str, list[dict]]:
     return dict(sorted(out.items()))
 
 
+SEGMENTS = ("short", "long", "head", "tail")
+BEYOND_ACCURACY = ("coverage", "novelty", "popularity", "ILD")
+
+
+def detailed_evaluations(runs: list[dict]) -> list[dict]:
+    """``evaluate --segments --beyond-accuracy --track`` runs: per run, the test split's metrics by
+    segment and beyond accuracy, and the trained run it evaluated (its checkpoint's folder)."""
+    out = []
+    for r in runs:
+        t = r["tags"]
+        if r["status"] != "FINISHED" or t.get("kind") != "evaluation" or not (
+                t.get("segments") == "true" or t.get("beyond_accuracy") == "true"):
+            continue
+        metrics = {k.removeprefix("test/"): v for k, v in r["metrics"].items() if k.startswith("test/")}
+        out.append({"run_id": r["run_id"], "dataset": r["dataset"], "model": r["model"],
+                    "trained_run": Path(t.get("checkpoint", "?")).parent.name,
+                    "reverse_steps": r["params"].get("reverse_steps"), "metrics": metrics})
+    out.sort(key=lambda e: (e["dataset"], e["model"], e["trained_run"]))
+    return out
+
+
+def _detailed_lines(evals: list[dict], link) -> list[str]:
+    lines = ["## Segments and beyond accuracy", "",
+             "Test split, from `python -m diffurec evaluate --segments --beyond-accuracy --track` on each "
+             "trained model (`docs/recommend.md`). History: short = at most the median history length "
+             "of the evaluated users, long = above it. Target: head = the most popular items that "
+             "together hold 20% of the training interactions, tail = the rest. HR@10 and NDCG@10 in %; "
+             "users per segment in brackets.", "",
+             "| dataset | model | trained run | " + " | ".join(f"{s} HR@10 / NDCG@10" for s in SEGMENTS) + " | run |",
+             "|---|---|---|" + "---|" * len(SEGMENTS) + "---|"]
+    for e in evals:
+        m = e["metrics"]
+        cells = []
+        for seg in SEGMENTS:
+            hr, ndcg, users = (m.get(f"segment/{seg}/{k}") for k in ("HR@10", "NDCG@10", "users"))
+            cells.append("-" if hr is None else f"{100 * hr:.2f} / {100 * ndcg:.2f} ({users:.0f})")
+        lines.append(f"| {e['dataset']} | {e['model']} | {e['trained_run']} | " + " | ".join(cells)
+                     + f" | {link(e['run_id'])} |")
+    thresholds = sorted({(e["dataset"], e["metrics"].get("segment/history_threshold"),
+                          e["metrics"].get("segment/head_items")) for e in evals
+                         if "segment/history_threshold" in e["metrics"]})
+    for dataset, threshold, head in thresholds:
+        lines += ["", f"{dataset}: short histories have at most {threshold:.0f} items; the head is "
+                      f"{head:.0f} items."]
+    lines += ["", "Beyond accuracy, on each user's top-K list: coverage = the share of the catalogue "
+                  "recommended to anyone; novelty = mean self-information -log2(p) of the recommended "
+                  "items, p = the share of users who interacted with the item in training; popularity = "
+                  "their mean training interaction count; ILD = 1 - the mean pairwise cosine similarity "
+                  "of their item embeddings.", "",
+              "| dataset | model | trained run | " + " | ".join(f"{b}@10" for b in BEYOND_ACCURACY)
+              + " | " + " | ".join(f"{b}@20" for b in BEYOND_ACCURACY) + " |",
+              "|---|---|---|" + "---|" * (2 * len(BEYOND_ACCURACY))]
+    for e in evals:
+        m = e["metrics"]
+        cells = []
+        for k in (10, 20):
+            for b in BEYOND_ACCURACY:
+                v = m.get(f"{b}@{k}")
+                cells.append("-" if v is None else f"{v:.4g}")
+        lines.append(f"| {e['dataset']} | {e['model']} | {e['trained_run']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def _config_diff(row: dict, head: dict | None) -> str:
     """'headline' for the row ``results.json`` keeps; else the keys where its config differs."""
     if head is None or row is head:
@@ -358,7 +422,10 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
             if (dataset, model) in PAPER:
                 entry["paper"] = {k: v / 100 for k, v in PAPER[(dataset, model)].items()}
             results[dataset][model] = entry
+    evals = detailed_evaluations(runs)
     results_json = {**results, "_ablations": abl}
+    if evals:
+        results_json["_segments_and_beyond_accuracy"] = evals
     (out_dir / "results.json").write_text(json.dumps(results_json, indent=2, default=str))
 
     link = (lambda rid: f"[{rid[:8]}]({ui_base.rstrip('/')}/#/runs/{rid})") if ui_base else (lambda rid: f"`{rid[:8]}`")
@@ -435,6 +502,8 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
                 lines += ["", f"Training budget of these runs (not early-stopped; compare them with each "
                           f"other, not with the main table): {'; '.join(budgets)}."]
             lines.append("")
+    if evals:
+        lines += _detailed_lines(evals, link)
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     return {"results_md": str(out_dir / "results.md"), "results_json": str(out_dir / "results.json"),
             "rows": len(rows), "ablations": {k: len(v) for k, v in abl.items()}}

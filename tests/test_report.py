@@ -164,3 +164,29 @@ def test_full_protocol_ablation_points_are_main_rows_with_validation_at_the_best
     assert "| beauty | diffurec | gelu=exact | 1 |" in md and "| beauty | diffurec | headline | 1 |" in md
     assert "| 5.50 | 2 | 30 |" in md
     assert "Machines: Some CPU, 2 cpus" in md
+
+
+def test_segment_and_beyond_accuracy_evaluations_get_their_tables(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    fake_run(uri, "beauty", "diffurec", 1, 0.04)
+    run = MLflowRun(uri, experiment="results", run_name="eval-x",
+                    tags={"kind": "evaluation", "dataset": "beauty", "model": "diffurec", "segments": "true",
+                          "beyond_accuracy": "true", "checkpoint": "/somewhere/runs/beauty-x/best.pt"})
+    run.log_params(config_params(Config()))
+    metrics = {"test/NDCG@10": 0.04, "test/segment/history_threshold": 6.0, "test/segment/head_items": 300.0}
+    for i, seg in enumerate(("short", "long", "head", "tail")):
+        metrics.update({f"test/segment/{seg}/HR@10": 0.1 + i / 100, f"test/segment/{seg}/NDCG@10": 0.05,
+                        f"test/segment/{seg}/users": 100.0 + i})
+    metrics.update({"test/coverage@10": 0.9, "test/novelty@10": 11.5, "test/popularity@10": 42.0, "test/ILD@10": 0.8})
+    run.log_metrics(metrics)
+    run.finish()
+    write_report(uri, tmp_path / "docs")
+    md = (tmp_path / "docs" / "results.md").read_text()
+    assert "## Segments and beyond accuracy" in md
+    assert "| beauty | diffurec | beauty-x | 10.00 / 5.00 (100) | 11.00 / 5.00 (101) |" in md
+    assert "beauty: short histories have at most 6 items; the head is 300 items." in md
+    assert "| beauty | diffurec | beauty-x | 0.9 | 11.5 | 42 | 0.8 | - |" in md
+    # an evaluation run is no main row
+    results = json.loads((tmp_path / "docs" / "results.json").read_text())
+    assert results["_segments_and_beyond_accuracy"][0]["trained_run"] == "beauty-x"
+    assert len(results["beauty"]["diffurec"]["runs"]) == 1
