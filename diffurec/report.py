@@ -319,6 +319,18 @@ def _config_diff(row: dict, head: dict | None) -> str:
     return ", ".join(diff) or "headline"
 
 
+def _schedule(c: dict) -> str:
+    """The training protocol in words: learning-rate schedule, epochs, early stopping."""
+    sched = c.get("lr_schedule", "constant")
+    if sched == "step":
+        sched = f"x{c['lr_gamma']} every {c['lr_step_epochs']} epochs"
+    elif sched in ("cosine", "warmup_cosine"):
+        sched = f"cosine to 0 at epoch {c['epochs']}" + (f", {c['warmup_epochs']} warmup" if c.get("warmup_epochs") else "")
+    stop = ("no early stop" if c["patience"] * c["eval_every"] >= c["epochs"]
+            else f"stop after {c['patience']} validations without gain")
+    return f"{sched}; up to {c['epochs']} epochs, validation every {c['eval_every']}, {stop}"
+
+
 def _sort_key(value):
     return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
 
@@ -442,7 +454,8 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
         cells = [_fmt(row.get(m)) for m in TABLE_METRICS]
         secs = row.get("seconds_to_best")
         secs = f"{secs['mean']:.0f}" if secs else "-"
-        best_epoch = _fmt(row.get("best_epoch"), scale=1.0).replace(".00", "") if row.get("best_epoch") else "-"
+        be = row.get("best_epoch")
+        best_epoch = "-" if not be else (f"{be['mean']:.0f} ± {be['std']:.0f}" if be["n"] > 1 else f"{be['mean']:.0f}")
         valid = row.get("best/valid/NDCG@10") or row.get("valid/NDCG@10")
         head = heads.get(row["dataset"], {}).get(row["model"])
         lines.append(f"| {row['dataset']} | {row['model']} | {_config_diff(row, head)} | {len(row['runs'])} | "
@@ -474,7 +487,9 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
                 lines.append(f"- {dataset} / {model}: hidden {c['hidden_size']}, blocks {c['num_blocks']}, "
                              f"heads {c['num_heads']}, T={c['diffusion_steps']}, S={c['reverse_steps']}, "
                              f"{c['noise_schedule']}, lambda {c['lambda_mean']}±{c['lambda_std']}, "
-                             f"lr {c['lr']}, batch {c['batch_size']}, seeds {row['seeds']}")
+                             f"lr {c['lr']} ({_schedule(c)}), batch {c['batch_size']}, "
+                             f"{'reference' if c.get('dropout_placement') == 'reference' else 'project'} block, "
+                             f"seeds {row['seeds']}")
         lines.append("")
     if abl:
         lines += ["## Ablations", ""]
