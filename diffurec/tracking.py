@@ -147,28 +147,11 @@ class MLflowRun:
         import mlflow.pytorch
         import torch
 
-        status = self.client.get_run(self.run_id).info.status
-        previous = self.mlflow.get_tracking_uri()
-        # set_tracking_uri also exports MLFLOW_TRACKING_URI to the environment (for subprocesses);
-        # restoring only the URI would leave it pointing every later child process at this store
-        previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-        self.mlflow.set_tracking_uri(self.tracking_uri)
-        try:
-            with self.mlflow.start_run(run_id=self.run_id):
-                return mlflow.pytorch.log_model(
-                    model.cpu().eval(), name=name, serialization_format="pickle",
-                    registered_model_name=registered_model_name,
-                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-        finally:
-            self.mlflow.set_tracking_uri(previous)
-            if previous_env is None:
-                os.environ.pop("MLFLOW_TRACKING_URI", None)
-            else:
-                os.environ["MLFLOW_TRACKING_URI"] = previous_env
-            if status == "RUNNING":
-                self.client.update_run(self.run_id, status="RUNNING")
-            else:
-                self.client.set_terminated(self.run_id, status=status)
+        with self._as_active_run():
+            return mlflow.pytorch.log_model(
+                model.cpu().eval(), name=name, serialization_format="pickle",
+                registered_model_name=registered_model_name,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
@@ -178,9 +161,11 @@ class MLflowRun:
     def _as_active_run(self):
         """This run as MLflow's active (fluent) run, for flavors' ``log_model``; afterwards the
         previous tracking URI and environment are restored and the run keeps its status (the
-        fluent ``start_run`` would end it FINISHED). The same steps as :meth:`log_model`."""
+        fluent ``start_run`` would end it FINISHED)."""
         status = self.client.get_run(self.run_id).info.status
         previous = self.mlflow.get_tracking_uri()
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI to the environment (for subprocesses);
+        # restoring only the URI would leave it pointing every later child process at this store
         previous_env = os.environ.get("MLFLOW_TRACKING_URI")
         self.mlflow.set_tracking_uri(self.tracking_uri)
         try:
