@@ -36,6 +36,7 @@ from diffurec.metrics import (
     BeyondAccuracyMetrics,
     RankingMetrics,
     SegmentMetrics,
+    exclude_scores,
     head_items,
     history_threshold,
     target_ranks,
@@ -129,8 +130,6 @@ def evaluate_detailed(model: nn.Module, data: SequenceData, split: str, cfg: Con
                     by_segment.update(ranks.cpu(), {name: torch.from_numpy(m[users]) for name, m in masks_all.items()})
                 if beyond is not None:
                     if exclude is not None:
-                        from diffurec.recommend import exclude_scores
-
                         scores = exclude_scores(scores, exclude)
                     beyond.update(torch.topk(scores, kmax, dim=1).indices + 1)
             bar.update(1)

@@ -22,13 +22,18 @@ def target_ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tens
     target_col = (target - 1).unsqueeze(1)
     target_score = scores.gather(1, target_col)
     if exclude is not None:
-        scores = scores.clone()
-        drop = exclude - 1
-        keep_pad = drop >= 0
-        drop = torch.where(keep_pad, drop, target_col.expand_as(drop))
-        scores.scatter_(1, drop, float("-inf"))
+        scores = exclude_scores(scores, exclude)
         scores.scatter_(1, target_col, target_score)
     return (scores > target_score).sum(dim=1) + 1
+
+
+def exclude_scores(scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """A copy of ``scores`` [B, N] with the items in ``items`` [B, L] (dense ids, 0 = padding)
+    set to -inf. Padding goes to an extra column that is dropped afterwards."""
+    index = torch.where(items > 0, items - 1, scores.shape[1])
+    out = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
+    out.scatter_(1, index, float("-inf"))
+    return out[:, :-1]
 
 
 class RankingMetrics:

@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ import torch
 
 from diffurec.config import Config
 from diffurec.errors import DiffuRecError
+from diffurec.metrics import exclude_scores
+from diffurec.training import model_from_payload, read_checkpoint
 
 __all__ = [
     "DEFAULT_K",
@@ -46,7 +47,6 @@ __all__ = [
     "check_same_items",
     "load_catalog",
     "load_model_payload",
-    "model_from_payload",
     "open_recommender",
     "publish_output",
     "read_recommendations",
@@ -152,26 +152,6 @@ def check_k(k: Any, num_items: int, flag: str = "--k") -> int:
 
 
 # ---- loading a model ---------------------------------------------------------------------------
-def model_from_payload(payload: dict, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, Config]:
-    """Build the model of a checkpoint payload (``training.model_payload``) for inference."""
-    from diffurec.models import build_model
-
-    cfg = Config.from_dict(payload["config"], source="checkpoint")
-    model = build_model(cfg, int(payload["num_items"]))
-    model.load_state_dict(payload["model"])
-    return model.to(device).eval(), cfg
-
-
-def _read_checkpoint(path: Path) -> dict:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
-        raise DiffuRecError(f"{path}: not a diffurec checkpoint ({exc})") from None
-    if not isinstance(payload, dict) or not {"model", "config", "num_items"} <= set(payload):
-        raise DiffuRecError(f"{path}: not a diffurec checkpoint (no model state, config and item count)")
-    return payload
-
-
 def _looks_like_path(ref: str) -> bool:
     return os.sep in ref or ref.startswith(".") or ref.endswith((".pt", ".pth"))
 
@@ -195,7 +175,7 @@ def load_model_payload(ref: str, tracking_uri: str | None = None) -> tuple[dict,
             path = path / "best.pt"
             if not path.is_file():
                 raise DiffuRecError(f"model {ref}: a folder with neither best.pt nor an MLmodel file")
-        return _read_checkpoint(path), f"checkpoint {path.resolve()}", None
+        return read_checkpoint(path), f"checkpoint {path.resolve()}", None
     if ":/" in ref:
         return _payload_from_mlflow(ref, tracking_uri)
     if _looks_like_path(ref):
@@ -313,7 +293,7 @@ def _download_payload(uri: str, client, local: Path) -> tuple[dict, str, ItemCat
             try:
                 (local / "run").mkdir()
                 ckpt = Path(client.download_artifacts(run_id, "checkpoint/best.pt", str(local / "run")))
-                return _read_checkpoint(ckpt), f"{uri} (checkpoint/best.pt of run {run_id})", None
+                return read_checkpoint(ckpt), f"{uri} (checkpoint/best.pt of run {run_id})", None
             except Exception:  # noqa: BLE001 - no checkpoint artifact: rebuild from the module
                 pass
             import mlflow.pytorch
@@ -341,7 +321,7 @@ def _payload_from_model_dir(path: Path, what: str) -> tuple[dict, str, ItemCatal
     if not ckpt.is_file():
         raise DiffuRecError(f"model {what}: an MLflow model without a diffurec checkpoint artifact")
     items = path / "artifacts" / "items.parquet"
-    return _read_checkpoint(ckpt), f"{what}", ItemCatalog.read(items) if items.is_file() else None
+    return read_checkpoint(ckpt), f"{what}", ItemCatalog.read(items) if items.is_file() else None
 
 
 def check_same_items(model_catalog: ItemCatalog | None, catalog: ItemCatalog, data: str) -> None:
@@ -402,15 +382,6 @@ def history_keys(flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
                      for a, b in zip(offsets[:-1], offsets[1:])], dtype=np.uint64)
 
 
-def exclude_scores(scores: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-    """A copy of ``scores`` [B, N] with the items in ``items`` [B, L] (dense ids, 0 = padding)
-    set to -inf. Padding goes to an extra column that is dropped afterwards."""
-    index = torch.where(items > 0, items - 1, scores.shape[1])
-    out = torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
-    out.scatter_(1, index, float("-inf"))
-    return out[:, :-1]
-
-
 class Recommender:
     """A model ready to produce top-K lists: model, config, device, item mapping and options.
 
@@ -442,6 +413,7 @@ class Recommender:
             raise DiffuRecError(f"the data has {catalog.num_items} items but the model was trained on "
                                 f"{payload['num_items']}: use the dataset the model was trained on")
         model, cfg = model_from_payload(payload, "cpu")
+        model.eval()
         cfg = cfg.with_sets(sets)
         if device is None:
             from diffurec.training import resolve_device
@@ -552,39 +524,27 @@ class Recommender:
 
 
 # ---- output folders ----------------------------------------------------------------------------
-def _check_output(out: Path, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not overwrite:
-        raise DiffuRecError(f"--output {out}: already exists; remove it or pass --overwrite to replace it")
-    if not out.is_dir() or not ((out / META_FILE).is_file() or not any(out.iterdir())):
-        raise DiffuRecError(f"--output {out}: exists and is not a recommendations folder; refusing to replace it")
+def _is_recommendations(folder: Path) -> bool:
+    return (folder / META_FILE).is_file()
 
 
 def staging_output(output: str | os.PathLike, overwrite: bool = False) -> Path:
     """Check ``output`` (refused if it exists, unless ``overwrite`` and it is an earlier
     recommendations folder) and return a fresh staging folder beside it (same filesystem)."""
+    from diffurec.data.sequences import check_target, staging_dir
+
     out = Path(output).expanduser().absolute()
-    _check_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
+    check_target(out, overwrite, _is_recommendations, "a recommendations folder")
+    return staging_dir(out)
 
 
 def publish_output(staging: Path, output: str | os.PathLike, meta: dict, overwrite: bool = False) -> Path:
     """Write ``_recommendations.json`` into ``staging`` and rename it to ``output``."""
-    out = Path(output).expanduser().absolute()
+    from diffurec.data.sequences import publish_dataset
+
     (staging / META_FILE).write_text(json.dumps(meta, indent=1, default=str) + "\n")
-    _check_output(out, overwrite)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-        os.rename(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, out)
-    return out
+    return publish_dataset(staging, Path(output).expanduser(), overwrite, _is_recommendations,
+                           "a recommendations folder")
 
 
 def read_recommendations(path: str | os.PathLike) -> pa.Table:

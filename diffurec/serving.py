@@ -67,9 +67,10 @@ class RecommenderModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         import torch
 
-        from diffurec.recommend import ItemCatalog, Recommender, _read_checkpoint
+        from diffurec.recommend import ItemCatalog, Recommender
+        from diffurec.training import read_checkpoint
 
-        payload = _read_checkpoint(Path(context.artifacts["checkpoint"]))
+        payload = read_checkpoint(Path(context.artifacts["checkpoint"]))
         catalog = ItemCatalog.read(context.artifacts["items"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.recommender = Recommender.from_payload(payload, catalog, device=device, k=1)
@@ -161,9 +162,10 @@ def _histories(model_input) -> list[list]:
 
 def check_inputs(checkpoint: str | Path, data_dir: str | Path) -> None:
     """The checkpoint loads and the dataset's id mapping has the model's item count."""
-    from diffurec.recommend import ItemCatalog, _read_checkpoint
+    from diffurec.recommend import ItemCatalog
+    from diffurec.training import read_checkpoint
 
-    payload = _read_checkpoint(Path(checkpoint))
+    payload = read_checkpoint(Path(checkpoint))
     catalog = ItemCatalog.read(data_dir)
     if int(payload["num_items"]) != catalog.num_items:
         raise DiffuRecError(f"--data {data_dir} has {catalog.num_items} items but the checkpoint was trained "
@@ -175,9 +177,10 @@ def save_artifacts(checkpoint: str | Path, data_dir: str | Path, into: Path) -> 
     counts) into ``into``; returns the pyfunc ``artifacts`` dict. Refuses a data/model mismatch."""
     import torch
 
-    from diffurec.recommend import _read_checkpoint, load_catalog
+    from diffurec.recommend import load_catalog
+    from diffurec.training import read_checkpoint
 
-    payload = _read_checkpoint(Path(checkpoint))
+    payload = read_checkpoint(Path(checkpoint))
     catalog = load_catalog(data_dir, counts=True)
     if int(payload["num_items"]) != catalog.num_items:
         raise DiffuRecError(f"--data {data_dir} has {catalog.num_items} items but the checkpoint was trained "

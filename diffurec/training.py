@@ -309,23 +309,37 @@ def save_atomic(payload: dict, path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config, dict]:
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint file's payload (``model_payload``), checked to be one."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
     if not path.is_file():
         raise DiffuRecError(f"checkpoint not found: {path}")
     try:
         payload = torch.load(path, map_location=device, weights_only=False)
     except Exception as exc:  # a truncated or foreign file
         raise DiffuRecError(f"{path}: not a diffurec checkpoint ({exc})") from None
-    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
-        raise DiffuRecError(f"{path}: not a diffurec checkpoint (no model state and config)")
-    cfg = Config.from_dict(payload["config"], source=str(path))
-    model = build_model(cfg, payload["num_items"]).to(device)
+    if not isinstance(payload, dict) or not {"model", "config", "num_items"} <= set(payload):
+        raise DiffuRecError(f"{path}: not a diffurec checkpoint (no model state, config and item count)")
+    return payload
+
+
+def model_from_payload(payload: dict, device: torch.device | str = "cpu",
+                       source: str = "checkpoint") -> tuple[nn.Module, Config]:
+    """The model and config of a checkpoint payload, on ``device``."""
+    cfg = Config.from_dict(payload["config"], source=source)
+    model = build_model(cfg, int(payload["num_items"])).to(device)
     model.load_state_dict(payload["model"])
     if "timestep_sampler" in payload and hasattr(model, "timestep_sampler"):
         model.timestep_sampler.load_state_dict(payload["timestep_sampler"])
+    return model, cfg
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Config, dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    payload = read_checkpoint(path, device)
+    model, cfg = model_from_payload(payload, device, source=str(path))
     return model, cfg, payload
 
 

@@ -73,7 +73,7 @@ from diffurec.data.sequences import (  # noqa: E402
     SEQUENCES_DIR,
     STATS_FILE,
     USERS_FILE,
-    _check_target,
+    check_target,
     publish_dataset,
     staging_dir,
     write_stats,
@@ -434,7 +434,7 @@ def _prepare(input_path, output, min_user, min_item, user_col, item_col, time_co
     if min_rating is not None and not rating_col:
         raise DiffuRecError("--min-rating needs --rating-col")
     out = Path(output).absolute()
-    _check_target(out, overwrite)
+    check_target(out, overwrite)
     t0 = time.time()
     files = resolve_log_paths(input_path)
     cols = {"user_col": user_col, "item_col": item_col, "time_col": time_col,
@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # cheap checks before starting a cluster
         resolve_log_paths(args.input)
-        _check_target(Path(args.output).absolute(), args.overwrite)
+        check_target(Path(args.output).absolute(), args.overwrite)
         import ray
 
         started = not ray.is_initialized()

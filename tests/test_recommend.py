@@ -100,9 +100,10 @@ def test_in_process_recommend_writes_the_logs_ids(prepared, tmp_path, capsys):
 def test_a_user_gets_the_same_list_in_any_batch(prepared):
     """DiffuRec's starting noise is keyed by user, so batching does not change a user's list
     (with deterministic_reverse; the reverse steps' noise is per batch otherwise)."""
-    from diffurec.recommend import ItemCatalog, Recommender, _read_checkpoint
+    from diffurec.recommend import ItemCatalog, Recommender
+    from diffurec.training import read_checkpoint
 
-    rec = Recommender.from_payload(_read_checkpoint(prepared["diffurec"]), ItemCatalog.read(prepared["data"]), k=5)
+    rec = Recommender.from_payload(read_checkpoint(prepared["diffurec"]), ItemCatalog.read(prepared["data"]), k=5)
     data = load_sequences(prepared["data"])
     keys = np.arange(len(data), dtype=np.uint64)
     whole = rec.top_k(data.items, data.offsets, keys)

@@ -72,29 +72,35 @@ def staging_dir(out_dir: str | os.PathLike) -> Path:
     return tmp
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
+def check_target(out: str | os.PathLike, overwrite: bool, replaceable=None,
+                 kind: str = "a prepared dataset") -> None:
+    """Refuse an existing ``out`` unless ``overwrite``, and even then unless it is empty or
+    ``replaceable(out)`` (default: a prepared dataset); ``kind`` names what may be replaced."""
+    out = Path(out)
     if not out.exists():
         return
     if not overwrite:
         raise DiffuRecError(
             f"{out}: output already exists; remove it or pass overwrite (--overwrite) to replace it"
         )
-    if not out.is_dir() or not (is_prepared_dataset(out) or not any(out.iterdir())):
+    replaceable = replaceable or is_prepared_dataset
+    if not out.is_dir() or not (replaceable(out) or not any(out.iterdir())):
         raise DiffuRecError(
-            f"{out}: exists and is not a prepared dataset; refusing to replace it"
+            f"{out}: exists and is not {kind}; refusing to replace it"
         )
 
 
 def publish_dataset(staging: str | os.PathLike, out_dir: str | os.PathLike,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, replaceable=None, kind: str = "a prepared dataset") -> Path:
     """Move a fully written ``staging`` directory to ``out_dir`` with a rename.
 
-    An existing ``out_dir`` is refused unless ``overwrite``; even then only a prepared dataset
-    or an empty directory is replaced (renamed aside, then deleted).
+    An existing ``out_dir`` is refused unless ``overwrite``; even then only an empty directory or
+    one that is ``replaceable`` (default: a prepared dataset) is replaced (renamed aside, then
+    deleted).
     """
     out = Path(out_dir).absolute()
     staging = Path(staging)
-    _check_target(out, overwrite)
+    check_target(out, overwrite, replaceable, kind)
     if out.exists():
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(out, old)
@@ -137,7 +143,7 @@ def write_dataset(
     ``overwrite`` (and then only a prepared dataset or an empty directory is replaced).
     """
     out = Path(out_dir).absolute()
-    _check_target(out, overwrite)  # fail before doing the work
+    check_target(out, overwrite)  # fail before doing the work
     if rows_per_shard < 1:
         raise DiffuRecError(f"rows_per_shard must be >= 1 (got {rows_per_shard})")
     tmp = staging_dir(out)
