@@ -3,8 +3,8 @@
 # fast protocol, configs/fast_protocol.yaml) over seeds, this project's block as its ablation,
 # SASRec-CE under the same protocol; then export the runs into results/runs/ and regenerate the
 # pages. Every run is an MLflow run in outputs/mlflow.db.
-# Long: on a 2-core Intel Xeon VM (AMX) a 40-epoch bf16 run is about 25 minutes at 2 threads;
-# two side by side at 1 thread each (LANES=2) took 40-50 minutes for both. Runs are resumable: a cut-off run
+# Long: on a 2-core Intel Xeon VM (AMX) bf16 epochs took 29-33 s alone at 2 threads, and two
+# 40-epoch runs side by side at 1 thread each (LANES=2) took 40-60 minutes. Runs are resumable: a cut-off run
 # continues from its last epoch (`--resume NAME`), a finished one is skipped.
 #   SEEDS="42 43 44" LANES=2 bash benchmarks/reproduce_beauty.sh
 set -euo pipefail
