@@ -636,7 +636,9 @@ def make_scheduler(base: Config, epochs: int):
                     return TrialScheduler.CONTINUE
             return action
 
-    return LastEpochKeepingASHA(time_attr="training_iteration", max_t=epochs + 1,
+    # time is the epoch the trial reports, not Tune's iteration count: a trial restored from its
+    # checkpoint reports its real epoch, so a resumed sweep keeps its rungs
+    return LastEpochKeepingASHA(time_attr="epoch", max_t=epochs + 1,
                                 grace_period=min(2, epochs), reduction_factor=2)
 
 

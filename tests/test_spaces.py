@@ -4,6 +4,7 @@ reverse_steps never above diffusion_steps. Ray-free and fast."""
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,8 +165,14 @@ def test_malformed_files(tmp_path):
 def test_quality_space_has_the_knobs_that_move_quality():
     space = load_space(SPACES / "quality.yaml")
     assert set(space.params) >= {
-        "noise_schedule", "diffusion_steps", REVERSE_FRACTION, "lambda_mean", "lambda_std", "lr", "lr_schedule",
+        "noise_schedule", "diffusion_steps", "reverse_steps", "lambda_mean", "lambda_std", "lr", "lr_schedule",
         "weight_decay", "dropout", "emb_dropout", "hidden_size", "num_blocks", "num_heads", "max_len",
         "positional_embedding", "batch_size"}
     # lambda reaches the scale of the history's embeddings
     assert space.params["lambda_mean"].high >= 1.0
+    # the sweep accepts it as it stands (it validates every epoch, with each trial's own S)
+    sys.path.insert(0, str(SPACES.parent))
+    from pipelines.tune import build_base
+
+    base = build_base(space, {}, quick=False)
+    assert base.eval_every == 1 and base.valid_reverse_steps == 0

@@ -131,8 +131,8 @@ def test_asha_never_stops_a_trial_at_its_last_epoch():
         for t in (strong, weak):
             scheduler.on_trial_add(None, t)
         for epoch in (1, 2, 3, 4):
-            scheduler.on_trial_result(None, strong, {"training_iteration": epoch, METRIC: 0.5})
-        return [scheduler.on_trial_result(None, weak, {"training_iteration": epoch, METRIC: v})
+            scheduler.on_trial_result(None, strong, {"training_iteration": epoch, "epoch": epoch, METRIC: 0.5})
+        return [scheduler.on_trial_result(None, weak, {"training_iteration": epoch, "epoch": epoch, METRIC: v})
                 for epoch, v in ((1, 0.6), (2, 0.6), (3, 0.3), (4, 0.1))]
 
     plain = decisions(ASHAScheduler(time_attr="training_iteration", max_t=5, grace_period=2, reduction_factor=2))
@@ -146,9 +146,19 @@ def test_asha_never_stops_a_trial_at_its_last_epoch():
     for t in (a, b):
         sched.on_trial_add(None, t)
     for epoch in (1, 2):
-        sched.on_trial_result(None, a, {"training_iteration": epoch, METRIC: 0.5})
-    sched.on_trial_result(None, b, {"training_iteration": 1, METRIC: 0.1})
-    assert sched.on_trial_result(None, b, {"training_iteration": 2, METRIC: 0.1}) == TrialScheduler.STOP
+        sched.on_trial_result(None, a, {"epoch": epoch, METRIC: 0.5})
+    sched.on_trial_result(None, b, {"epoch": 1, METRIC: 0.1})
+    assert sched.on_trial_result(None, b, {"epoch": 2, METRIC: 0.1}) == TrialScheduler.STOP
+    # the rungs count epochs, not Tune's iterations: a trial restored after epoch 1 reports
+    # iteration 1 for its epoch 2, and meets the epoch-2 rung there
+    sched = make_scheduler(Config(epochs=4), epochs=4)
+    sched.set_search_properties(METRIC, MODE)
+    for t in (a, b):
+        sched.on_trial_add(None, t)
+    for epoch in (1, 2):
+        sched.on_trial_result(None, a, {"training_iteration": epoch, "epoch": epoch, METRIC: 0.5})
+    sched.on_trial_result(None, b, {"training_iteration": 1, "epoch": 1, METRIC: 0.1})
+    assert sched.on_trial_result(None, b, {"training_iteration": 1, "epoch": 2, METRIC: 0.1}) == TrialScheduler.STOP
 
 
 def test_registering_the_best_model_keeps_its_runs_status(tmp_path, monkeypatch):
