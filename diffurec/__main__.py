@@ -113,12 +113,13 @@ def cmd_train(args) -> dict:
     tracker = None
     if not args.no_mlflow:
         from diffurec.machine import machine_description
-        from diffurec.tracking import MLflowRun, config_params, resolve_tracking_uri
+        from diffurec.tracking import PENDING_FILE, MLflowRun, config_params, resolve_tracking_uri
 
         uri = resolve_tracking_uri(args.mlflow_uri, cfg.output_dir)
         id_file = run_dir / "mlflow_run_id"
         run_id = id_file.read_text().strip() if resume_from and id_file.is_file() else None
         tracker = MLflowRun(uri, experiment=args.experiment, run_name=name, run_id=run_id,
+                            pending_path=run_dir / PENDING_FILE,
                             tags={"dataset": dataset_name(args.data), "data_path": str(args.data),
                                   "machine": machine_description(device),
                                   "model": cfg.model, **parse_tags(args.tag)})

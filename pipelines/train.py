@@ -61,6 +61,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
 from diffurec.config import Config  # noqa: E402
 from diffurec.errors import DiffuRecError  # noqa: E402
+from diffurec.tracking import PENDING_FILE  # noqa: E402
 from pipelines._common import (  # noqa: E402
     init_ray,
     new_run_name,
@@ -197,7 +198,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     validation, per-epoch ``ray.train.report`` and resume from ``ray.train.get_checkpoint()``.
 
     ``loop_config``: config (Config.to_dict()), data_dir, mlflow_uri, experiment, run_name,
-    parent_run_id, tags; optional log_model (default True), status_dir (tests).
+    parent_run_id, tags; optional log_model (default True), status_dir (tests), pending_path
+    (where tracking writes wait out a server outage).
     """
     import numpy as np
     import ray.train
@@ -271,7 +273,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                   "machine": machine_description(device),
                                   "torch_threads": str(torch.get_num_threads()),
                                   **{k: str(v) for k, v in (loop_config.get("tags") or {}).items()}},
-                            run_id=mlflow_run_id)
+                            run_id=mlflow_run_id, pending_path=loop_config.get("pending_path"))
         tracker.log_params(config_params(cfg))
         (run_dir / "mlflow_run_id").write_text(tracker.run_id)
         if resume_from is not None:
@@ -401,7 +403,11 @@ def make_trainer(cfg: Config, data_dir: str, *, num_workers: int = 1, use_gpu: b
     loop_config = {"config": cfg.to_dict(), "data_dir": str(data_dir), "mlflow_uri": mlflow_uri,
                    "experiment": experiment, "run_name": name, "parent_run_id": parent_run_id,
                    "tags": dict(tags or {}), "log_model": log_model, "status_dir": status_dir,
-                   "finish_run": finish_run}
+                   "finish_run": finish_run,
+                   # tracking writes kept through a server outage wait in the run's storage, which
+                   # outlives the worker (memory only where the storage is not a local path)
+                   "pending_path": None if "://" in str(storage_path) else
+                   str(Path(storage_path).resolve() / name / PENDING_FILE)}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
