@@ -74,7 +74,10 @@ __all__ = ["make_trainer", "train_loop_per_worker", "main", "resolve_data", "che
            "examples_dataset", "summarize"]
 
 DATASET_NAME = "train"
-CHECKPOINT_FILES = ("latest.pt", "best.pt", "mlflow_run_id")
+# logged_metrics.jsonl: what rank 0 logged per epoch, checkpointed with the epoch so a restart
+# can send MLflow any epoch the lost process checkpointed but never logged
+LOGGED_METRICS = "logged_metrics.jsonl"
+CHECKPOINT_FILES = ("latest.pt", "best.pt", "mlflow_run_id", LOGGED_METRICS)
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # ray.train.v2 CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 GPU_CHECK_ESCAPE = "DIFFUREC_ALLOW_PENDING_GPUS"
 
@@ -193,6 +196,20 @@ def _write_status(status_dir: str | None, **fields) -> None:
     os.replace(tmp, path)
 
 
+def _backfill_metrics(tracker, logged_path: Path) -> None:
+    """Log the checkpointed epochs that never reached the MLflow run (a process lost between its
+    checkpoint and its log call)."""
+    from diffurec.tracking import mlflow_metric_name
+
+    if not logged_path.is_file():
+        return
+    have = {m.step for m in tracker.client.get_metric_history(tracker.run_id, mlflow_metric_name("train/loss"))}
+    for line in logged_path.read_text().splitlines():
+        row = json.loads(line)
+        if row["epoch"] not in have:
+            tracker.log_metrics(row["metrics"], step=row["epoch"])
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train worker: ``diffurec.training.fit`` with Ray's data shard, DDP, distributed
     validation, per-epoch ``ray.train.report`` and resume from ``ray.train.get_checkpoint()``.
@@ -278,6 +295,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         (run_dir / "mlflow_run_id").write_text(tracker.run_id)
         if resume_from is not None:
             tracker.set_tags({"resumed_from_epoch": resumed_epoch})
+            _backfill_metrics(tracker, run_dir / LOGGED_METRICS)
 
     # ---- hooks -------------------------------------------------------------------------------
     def batches_for_epoch(epoch: int):
@@ -323,7 +341,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(report, checkpoint=None)
             return
         report["mlflow_run_id"] = tracker.run_id
-        tracker.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))}, step=epoch)
+        logged = {k: v for k, v in report.items() if isinstance(v, (int, float))}
+        with open(run_dir / LOGGED_METRICS, "a") as fh:
+            fh.write(json.dumps({"epoch": epoch, "metrics": logged}) + "\n")
         shown = {k: round(v, 4) for k, v in report.items() if k.startswith(("train/loss", "train/samples", "valid/N"))}
         # sys.stderr.write, not print: Ray Train's print patch would log the line twice
         sys.stderr.write(f"epoch {epoch}: {shown}\n")
@@ -340,6 +360,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
         finally:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
+        # logged after the checkpoint is committed: an epoch in MLflow is never trained again
+        # (a process lost in between leaves it to the restart's backfill)
+        tracker.log_metrics(logged, step=epoch)
 
     # ---- train, then test the best model (rank 0) ---------------------------------------------
     try:

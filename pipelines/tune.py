@@ -91,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "trials' workers, at most 1)")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help=f"MLflow experiment ({DEFAULT_EXPERIMENT})")
     p.add_argument("--registered-model", help="registry name for the best model (default: <experiment>-best)")
-    p.add_argument("--max-failures", type=int, default=1, help="Ray Train retries per trial (default 1)")
+    p.add_argument("--max-failures", type=int, default=1, help="retries per trial: Ray Train restarts its worker group, Tune retries a trial whose "
+                   "process was lost (a node gone); both resume from the last checkpoint (default 1)")
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default 0)")
     return p.parse_args(argv)
 
@@ -669,7 +670,7 @@ def run_tuner(args, space, base, setup, num_samples, max_concurrent, storage: Pa
                                         scheduler=scheduler, num_samples=num_samples,
                                         max_concurrent_trials=max_concurrent),
             run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=callbacks,
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+                                      failure_config=tune.FailureConfig(max_failures=args.max_failures), verbose=1))
     _PROGRESS.clear()
     results = tuner.fit()
     # Tune returns normally after a SIGINT; the last step's view says whether trials were cut off

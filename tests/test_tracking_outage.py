@@ -226,7 +226,7 @@ def test_training_rides_out_a_five_minute_tracking_outage(server, tmp_path):
             "eval_every": 1, "diffusion_steps": 8, "reverse_steps": 2, "threads": 1,
             "output_dir": str(tmp_path / "out")}
     cmd = [sys.executable, "-m", "diffurec", "train", "--data", str(tmp_path / "prepared"), "--name", "outage",
-           "--mlflow-uri", server.uri, "--experiment", "outage", "--no-progress", "--no-log-model"]
+           "--mlflow-uri", server.uri, "--experiment", "outage", "--no-progress"]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DIFFUREC_TRACKING_WAIT_S": str(OUTAGE_S + 300)}
