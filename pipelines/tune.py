@@ -452,6 +452,23 @@ def write_plots(study, records: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
+def write_importances(study, out_dir: Path, sweep: str) -> list[Path]:
+    """fANOVA and PED-ANOVA importances (``diffurec.importance``) as JSON and a PNG; none when the
+    study cannot support them (fewer than 2 finished trials, nothing varied)."""
+    from diffurec.importance import importance_rows, param_importances, plot_importances
+
+    try:
+        imp = param_importances(study)
+    except Exception as exc:  # noqa: BLE001 - Optuna's own message says what is missing
+        log(f"parameter importances not computed: {exc}")
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "importances.json").write_text(json.dumps(
+        {"metric": METRIC, "trials": len(study.trials), "rows": importance_rows(imp)}, indent=1))
+    plot_importances(imp, out_dir / "importances.png", f"{sweep}: what each knob is worth ({METRIC})")
+    return [out_dir / "importances.json", out_dir / "importances.png"]
+
+
 def register_best(uri: str, run_id: str | None, checkpoint: str | None, model_name: str,
                   sweep: str) -> dict | None:
     """Log the best trial's model (from best.pt) into its child run and register it."""
@@ -737,6 +754,8 @@ def finish(args, results, interrupted, space, base, setup, parent, registered, s
     plots = write_plots(study, records, sdir / "plots")
     for p in plots:
         parent.log_artifact(p, "plots")
+    for p in write_importances(study, sdir / "importances", name_of(setup)):
+        parent.log_artifact(p, "importances")
     parent.log_artifact(best_yaml)
     (sdir / "trials.json").write_text(json.dumps(
         [{"trial_id": r["trial_id"], "status": r["status"], "run_id": r["run_id"], "sampled": r["sampled"],

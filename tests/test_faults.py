@@ -191,6 +191,18 @@ def _steps(client, run_id: str, key: str = NDCG) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def _store(uri: str):
+    """A client of a sqlite store whose tables exist before the programs under test start: two
+    processes creating them at once collide in MLflow's schema migration."""
+    import mlflow
+
+    path = Path(uri[len("sqlite:///"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    client = mlflow.MlflowClient(uri)
+    client.search_experiments()
+    return client
+
+
 def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -201,18 +213,17 @@ def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float, what
 
 # ---- 1. a node lost during training -------------------------------------------------------------
 def test_node_lost_mid_epoch_training_resumes_from_its_checkpoint(cluster, prepared, tmp_path):
-    import mlflow
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     epochs = 3
     # small batches: an epoch is hundreds of steps, so the node dies inside epoch 2
     cfg = dict(TINY, epochs=epochs, eval_every=1, batch_size=8, model="diffurec", output_dir=str(tmp_path / "out"))
     env = {**ray_env(), "RAY_ADDRESS": cluster.address}
+    client = _store(uri)
     proc = _spawn(["pipelines/train.py", "--data", str(prepared), "--num-workers", "2", "--cpus-per-worker", "1",
                    "--max-failures", "3", "--mlflow-uri", uri, "--experiment", "node-loss", "--name", "node-loss",
                    "--storage-path", str(tmp_path / "ray_results"), "--no-log-model", *_sets(cfg)],
                   tmp_path, "train", env)
-    client = mlflow.MlflowClient(uri)
 
     def run_id() -> str | None:
         try:
@@ -250,17 +261,16 @@ def test_node_lost_mid_epoch_training_resumes_from_its_checkpoint(cluster, prepa
 
 # ---- 2. the same node lost during a sweep -------------------------------------------------------
 def test_node_lost_mid_sweep_retries_the_trial_from_its_checkpoint(cluster, prepared, tmp_path):
-    import mlflow
 
     out = tmp_path / "out"
     uri = f"sqlite:///{out / 'mlflow.db'}"
     env = {**ray_env(), "RAY_ADDRESS": cluster.address}
     sets = dict(TINY, epochs=3, batch_size=8, output_dir=str(out))
+    client = _store(uri)
     proc = _spawn(["pipelines/tune.py", "--data", str(prepared), "--num-samples", "2", "--max-concurrent", "2",
                    "--workers-per-trial", "1", "--cpus-per-worker", "0.8", "--max-failures", "3",
                    "--mlflow-uri", uri, "--name", "node-loss-sweep", "--registered-model", "node-loss",
                    *_sets(sets)], tmp_path, "tune", env)
-    client = mlflow.MlflowClient(uri)
 
     def children_with_an_epoch() -> bool:
         try:
@@ -297,7 +307,6 @@ def test_node_lost_mid_sweep_retries_the_trial_from_its_checkpoint(cluster, prep
 # ---- 3. the sweep driver SIGKILLed --------------------------------------------------------------
 def test_sweep_driver_killed_resumes_with_rungs_and_parent(prepared, tmp_path):
     """SIGKILL (no graceful path) once a trial has passed ASHA's first rung, then ``--resume``."""
-    import mlflow
 
     out = tmp_path / "out"
     uri = f"sqlite:///{out / 'mlflow.db'}"
@@ -305,10 +314,10 @@ def test_sweep_driver_killed_resumes_with_rungs_and_parent(prepared, tmp_path):
     env.update(PYTHONUNBUFFERED="1", RAY_AUTH_MODE=env.get("RAY_AUTH_MODE", "disabled"))
     name = "killed-sweep"
     common = ["pipelines/tune.py", "--data", str(prepared), "--mlflow-uri", uri, *_sets({"output_dir": out})]
+    client = _store(uri)
     first = _spawn([*common, "--num-samples", "4", "--max-concurrent", "2", "--name", name,
                     "--registered-model", "killed", *_sets(dict(TINY, epochs=4, batch_size=32))],
                    tmp_path, "first", env)
-    client = mlflow.MlflowClient(uri)
 
     def histories() -> dict[str, list[int]]:
         try:

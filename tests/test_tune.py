@@ -269,6 +269,9 @@ def test_sweep_interrupt_resume_and_mlflow_tree(tmp_path):
     assert "best_config.yaml" in arts
     plots = {Path(a.path).stem for a in client.list_artifacts(parent_id, "plots")}
     assert plots >= PLOTS
+    # what each knob is worth: Optuna's fANOVA and PED-ANOVA, as a table and a plot
+    assert {a.path for a in client.list_artifacts(parent_id, "importances")} == {
+        "importances/importances.json", "importances/importances.png"}
     html = Path(mlflow.artifacts.download_artifacts(run_id=parent_id, artifact_path="plots/metric_vs_reverse_steps.html",
                                                     tracking_uri=uri, dst_path=str(tmp_path / "dl"))).read_text()
     assert "plotly" in html.lower() and "reverse_steps" in html
