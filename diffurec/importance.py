@@ -28,6 +28,8 @@ def distribution(description: str):
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     kind, _, rest = description.partition("[")
+    if kind not in ("choice", "uniform", "loguniform", "int", "logint"):
+        raise ValueError(f"not a sampled distribution: {description!r}")
     values = ast.literal_eval("[" + rest)
     if kind == "choice":
         return CategoricalDistribution(values)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -341,6 +342,76 @@ def _fmt(stat: dict | None, scale: float = 100.0) -> str:
     return f"{stat['mean'] * scale:.2f} ± {stat['std'] * scale:.2f}" if stat["n"] > 1 else f"{stat['mean'] * scale:.2f}"
 
 
+def sweeps(runs: list[dict]) -> list[dict]:
+    """Each finished sweep (``pipelines/tune.py`` parent run) with its trials and what each knob
+    of its space is worth (``diffurec.importance``: fANOVA, PED-ANOVA over the trials' best
+    validation NDCG@10)."""
+    from diffurec.importance import distribution, importance_rows, param_importances, study_from_trials
+
+    out = []
+    for parent in sorted((r for r in runs if r["tags"].get("kind") == "sweep" and r["status"] == "FINISHED"),
+                         key=lambda r: r["start_time"]):
+        space = {k[len("space."):]: v for k, v in parent["params"].items() if k.startswith("space.")}
+        dists = {}
+        for key, text in space.items():
+            try:
+                dists[key] = distribution(text)
+            except ValueError:  # a constant: nothing to weigh
+                continue
+        metric = "best/valid/NDCG@10"
+        children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parent["run_id"]
+                    and r["tags"].get("trial_status") in ("completed", "stopped_by_asha")
+                    and metric in r["metrics"]]
+        trials = [{"trial_id": c["tags"].get("trial_id", c["run_id"][:8]), "run_id": c["run_id"],
+                   "status": c["tags"]["trial_status"], "valid/NDCG@10": c["metrics"][metric],
+                   "epochs": int(c["metrics"].get("epoch", 0)),
+                   "params": {k: c["params"].get(k) for k in dists}} for c in children]
+        trials.sort(key=lambda t: -t["valid/NDCG@10"])
+        entry = {"name": parent["tags"].get("sweep", parent["run_id"][:8]), "run_id": parent["run_id"],
+                 "dataset": parent["dataset"] if parent["dataset"] != "unknown" else
+                 dataset_label(parent["params"].get("sweep.data")),
+                 "counts": {k[len("trials."):]: int(v) for k, v in parent["tags"].items() if k.startswith("trials.")},
+                 "space": space, "trials": trials, "best": trials[0] if trials else None, "importances": None}
+        if len(trials) >= 2:
+            try:
+                entry["importances"] = importance_rows(param_importances(study_from_trials(
+                    dists, [(t["params"], t["valid/NDCG@10"]) for t in trials])))
+            except (ValueError, RuntimeError):  # nothing varied, or too few trials for an evaluator
+                pass
+        out.append(entry)
+    return out
+
+
+def _sweep_lines(sweep: dict, out_dir: Path, link) -> list[str]:
+    from diffurec.importance import plot_importances
+
+    counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(sweep["counts"].items()))
+    lines = [f"## Sweep: {sweep['name']} ({sweep['dataset']})", "",
+             f"Parent run {link(sweep['run_id'])}; {len(sweep['trials'])} trials with a validation metric "
+             f"({counts}). Every choice below is made on validation NDCG@10 (the best epoch of each trial).", ""]
+    if sweep["best"]:
+        best = sweep["best"]
+        lines += [f"Best trial {best['trial_id']} ({link(best['run_id'])}): valid NDCG@10 "
+                  f"{100 * best['valid/NDCG@10']:.2f}, " + ", ".join(f"{k}={v}" for k, v in best["params"].items()), ""]
+    if sweep["importances"]:
+        name = re.sub(r"[^A-Za-z0-9_-]+", "_", sweep["name"])
+        png = f"importances_{name}.png"
+        plot_importances({e: {r["param"]: r[e] for r in sweep["importances"]} for e in ("fanova", "ped_anova")},
+                         out_dir / png, f"{sweep['name']}: what each knob is worth (valid NDCG@10)")
+        lines += ["What each knob is worth (Optuna's evaluators over the trials; each column sums to 1). "
+                  "fANOVA: share of the metric's variance over the space; PED-ANOVA: how far the top 10% "
+                  "of trials sit from the rest on that knob.", "", f"![importances]({png})", "",
+                  "| knob | fANOVA | PED-ANOVA |", "|---|---|---|"]
+        lines += [f"| {r['param']} | {r['fanova']:.3f} | {r['ped_anova']:.3f} |" for r in sweep["importances"]]
+        lines.append("")
+    lines += ["Trials by validation NDCG@10 (top 10):", "",
+              "| trial | status | epochs | valid NDCG@10 | run |", "|---|---|---|---|---|"]
+    lines += [f"| {t['trial_id']} | {t['status']} | {t['epochs']} | {100 * t['valid/NDCG@10']:.2f} | "
+              f"{link(t['run_id'])} |" for t in sweep["trials"][:10]]
+    lines.append("")
+    return lines
+
+
 def plot_ablation(name: str, points: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -436,6 +507,8 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
             results[dataset][model] = entry
     evals = detailed_evaluations(runs)
     results_json = {**results, "_ablations": abl}
+    if sweeps(runs):
+        results_json["_sweeps"] = [{k: v for k, v in sw.items() if k != "trials"} for sw in sweeps(runs)]
     if evals:
         results_json["_segments_and_beyond_accuracy"] = evals
     (out_dir / "results.json").write_text(json.dumps(results_json, indent=2, default=str))
@@ -519,6 +592,9 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
             lines.append("")
     if evals:
         lines += _detailed_lines(evals, link)
+    sw = sweeps(runs)
+    for sweep in sw:
+        lines += _sweep_lines(sweep, out_dir, link)
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     return {"results_md": str(out_dir / "results.md"), "results_json": str(out_dir / "results.json"),
             "rows": len(rows), "ablations": {k: len(v) for k, v in abl.items()}}

@@ -28,7 +28,7 @@ def test_descriptions_round_trip_the_space_file():
     assert distribution("loguniform[0.0003, 0.003]").log
     assert distribution("choice[False, True]").choices == (False, True)
     with pytest.raises(ValueError, match="not a sampled"):
-        distribution("const(3)[]")
+        distribution("const(3)")
 
 
 def test_the_knob_that_drives_the_metric_comes_first(tmp_path):

@@ -190,3 +190,35 @@ def test_segment_and_beyond_accuracy_evaluations_get_their_tables(tmp_path):
     results = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert results["_segments_and_beyond_accuracy"][0]["trained_run"] == "beauty-x"
     assert len(results["beauty"]["diffurec"]["runs"]) == 1
+
+
+def test_a_sweep_gets_its_importances_table_plot_and_trials(tmp_path):
+    """A sweep parent with nested trials (as pipelines/tune.py logs them): the report weighs each
+    knob of the space with fANOVA and PED-ANOVA over the trials' best validation NDCG@10."""
+    import random
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = MLflowRun(uri, experiment="sweeps", run_name="s", tags={"kind": "sweep", "sweep": "s"})
+    parent.log_params({"space.lr": "loguniform[0.0003, 0.003]", "space.noise_schedule": "choice['linear', 'cosine']",
+                       "space.epochs": "const(4)", "sweep.data": "data/beauty"})
+    rng = random.Random(0)
+    for i in range(12):
+        lr = 10 ** rng.uniform(-3.5, -2.53)
+        cfg = Config().with_overrides({"lr": lr, "noise_schedule": rng.choice(["linear", "cosine"])})
+        child = MLflowRun(uri, experiment="sweeps", parent_run_id=parent.run_id,
+                          tags={"trial_id": f"t{i}", "trial_status": "completed" if i % 2 else "stopped_by_asha"})
+        child.log_params(config_params(cfg))
+        child.log_metrics({"best/valid/NDCG@10": 10 * lr, "epoch": 4 if i % 2 else 2}, step=1)
+        child.finish("FINISHED" if i % 2 else "KILLED")
+    parent.set_tags({"trials.completed": 6, "trials.stopped_by_asha": 6})
+    parent.finish()
+    write_report(uri, tmp_path / "docs")
+    md = (tmp_path / "docs" / "results.md").read_text()
+    assert "## Sweep: s (beauty)" in md and "12 trials with a validation metric (6 completed, 6 stopped by asha)" in md
+    table = md.split("| knob | fANOVA | PED-ANOVA |")[1].split("\n\n")[0]
+    assert table.splitlines()[2].startswith("| lr |"), table  # the knob that drives the metric first
+    assert "| epochs |" not in table  # a constant is not weighed
+    assert (tmp_path / "docs" / "importances_s.png").is_file()
+    sweep = json.loads((tmp_path / "docs" / "results.json").read_text())["_sweeps"][0]
+    assert sweep["best"]["valid/NDCG@10"] == max(float(r["params"]["lr"]) * 10 for r in [sweep["best"]])
+    assert sum(r["fanova"] for r in sweep["importances"]) == pytest.approx(1.0)
