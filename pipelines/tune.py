@@ -548,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    started_here = init_ray() and not os.environ.get("RAY_ADDRESS")
+    connected_here = init_ray()
+    started_here = connected_here and not os.environ.get("RAY_ADDRESS")
     try:
         cluster = ray.cluster_resources()
         resources = worker_resources(args, cluster, started_here)
@@ -599,8 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         rc, payload = finish(args, results, interrupted, space, base, setup, parent, registered, sdir,
                              exp_path, began)
     finally:
-        if started_here:
-            ray.shutdown()  # flushes the workers' output first, so the summary is the last line
+        if connected_here:
+            # flushes the workers' output first (a joined cluster's too: a lost node's last log
+            # lines arrive late), so the summary is the last line
+            ray.shutdown()
     print(json.dumps(payload, default=str), flush=True)
     return rc
 

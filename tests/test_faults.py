@@ -8,7 +8,9 @@
   an epoch twice, ASHA's decisions stand and the MLflow parent run is reused.
 
 The cluster: a head (``ray start --head --block``) and a second node (``ray start --address
---block``), each with 1 CPU, so a 2-worker run puts one worker on each. Every process is started
+--block``), each with 2 CPUs; workers ask for more than half a node's CPUs, so a 2-worker run
+(or two 1-worker trials) puts one worker on each. (With 1-CPU nodes a trial's driver slice leaves
+no node a whole CPU for the Ray Data tasks its trainer starts, and the sweep waits forever.) Every process is started
 in its own session and stopped through its process group by the pid this file started; nothing
 calls ``ray stop``.
 """
@@ -85,7 +87,7 @@ def _group_gone(pgid: int) -> bool:
 
 
 class TwoNodeCluster:
-    """A head and a second node on 127.0.0.1, 1 CPU each; ``kill_node()`` SIGKILLs the second
+    """A head and a second node on 127.0.0.1, 2 CPUs each; ``kill_node()`` SIGKILLs the second
     node's whole process group (raylet and its workers), ``start_node()`` brings it back."""
 
     def __init__(self, root: Path):
@@ -108,7 +110,7 @@ class TwoNodeCluster:
         log = open(self.root / "head.log", "w")
         self.head = subprocess.Popen(
             [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs),
-             "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--num-cpus", "1",
+             "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--num-cpus", "2",
              "--temp-dir", self.temp_dir, *self._ports(head=True)],
             env=ray_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -117,7 +119,7 @@ class TwoNodeCluster:
         log = open(self.root / f"node-{self.node_starts}.log", "w")
         self.node = subprocess.Popen(
             [RAY, "start", "--address", self.address, "--block", "--node-ip-address", "127.0.0.1",
-             "--num-cpus", "1", *self._ports(head=False)],
+             "--num-cpus", "2", *self._ports(head=False)],
             env=ray_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_for_nodes(2)
 
@@ -187,6 +189,13 @@ def _wait(proc: subprocess.Popen, log_dir: Path, tag: str, timeout: float) -> in
         pytest.fail(f"{tag}: no exit within {timeout} s:\n{(log_dir / f'{tag}.err').read_text()[-4000:]}")
 
 
+def _summary(path: Path) -> dict:
+    """The program's JSON summary: its last JSON line on stdout."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.startswith("{")]
+    assert lines, path.read_text()[-3000:]
+    return json.loads(lines[-1])
+
+
 def _steps(client, run_id: str, key: str = NDCG) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
@@ -220,7 +229,7 @@ def test_node_lost_mid_epoch_training_resumes_from_its_checkpoint(cluster, prepa
     cfg = dict(TINY, epochs=epochs, eval_every=1, batch_size=8, model="diffurec", output_dir=str(tmp_path / "out"))
     env = {**ray_env(), "RAY_ADDRESS": cluster.address}
     client = _store(uri)
-    proc = _spawn(["pipelines/train.py", "--data", str(prepared), "--num-workers", "2", "--cpus-per-worker", "1",
+    proc = _spawn(["pipelines/train.py", "--data", str(prepared), "--num-workers", "2", "--cpus-per-worker", "2",
                    "--max-failures", "3", "--mlflow-uri", uri, "--experiment", "node-loss", "--name", "node-loss",
                    "--storage-path", str(tmp_path / "ray_results"), "--no-log-model", *_sets(cfg)],
                   tmp_path, "train", env)
@@ -244,7 +253,7 @@ def test_node_lost_mid_epoch_training_resumes_from_its_checkpoint(cluster, prepa
         stop_group(proc)
     err = (tmp_path / "train.err").read_text()
     assert rc == 0, err[-4000:]
-    summary = json.loads((tmp_path / "train.out").read_text().strip().splitlines()[-1])
+    summary = _summary(tmp_path / "train.out")
     assert summary["epochs"] == epochs and summary["num_workers"] == 2
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1, "a single MLflow run across the node loss"
@@ -268,7 +277,7 @@ def test_node_lost_mid_sweep_retries_the_trial_from_its_checkpoint(cluster, prep
     sets = dict(TINY, epochs=3, batch_size=8, output_dir=str(out))
     client = _store(uri)
     proc = _spawn(["pipelines/tune.py", "--data", str(prepared), "--num-samples", "2", "--max-concurrent", "2",
-                   "--workers-per-trial", "1", "--cpus-per-worker", "0.8", "--max-failures", "3",
+                   "--workers-per-trial", "1", "--cpus-per-worker", "1.5", "--max-failures", "3",
                    "--mlflow-uri", uri, "--name", "node-loss-sweep", "--registered-model", "node-loss",
                    *_sets(sets)], tmp_path, "tune", env)
 
@@ -290,7 +299,7 @@ def test_node_lost_mid_sweep_retries_the_trial_from_its_checkpoint(cluster, prep
         stop_group(proc)
     err = (tmp_path / "tune.err").read_text()
     assert rc == 0, err[-4000:]
-    summary = json.loads((tmp_path / "tune.out").read_text().strip().splitlines()[-1])
+    summary = _summary(tmp_path / "tune.out")
     parent = client.get_run(summary["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep_status"] == "completed"
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -337,7 +346,7 @@ def test_sweep_driver_killed_resumes_with_rungs_and_parent(prepared, tmp_path):
         stop_group(first)  # the driver's local Ray died with it: end the rest of its group
     before = histories()
     parent_id = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                   "tags.sweep_status != ''")[0].info.run_id
+                                   "tags.kind = 'sweep'")[0].info.run_id
 
     second = _spawn([*common, "--resume", name], tmp_path, "second", env)
     try:
@@ -347,7 +356,7 @@ def test_sweep_driver_killed_resumes_with_rungs_and_parent(prepared, tmp_path):
     err = (tmp_path / "second.err").read_text()
     assert rc == 0, err[-4000:]
     assert "resuming sweep" in err
-    summary = json.loads((tmp_path / "second.out").read_text().strip().splitlines()[-1])
+    summary = _summary(tmp_path / "second.out")
     assert summary["mlflow_parent_run_id"] == parent_id
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep_status"] == "completed"
