@@ -12,7 +12,8 @@ The cluster: a head (``ray start --head --block``) and a second node (``ray star
 (or two 1-worker trials) puts one worker on each. (With 1-CPU nodes a trial's driver slice leaves
 no node a whole CPU for the Ray Data tasks its trainer starts, and the sweep waits forever.) Every process is started
 in its own session and stopped through its process group by the pid this file started; nothing
-calls ``ray stop``.
+calls ``ray stop``. The node-loss tests are marked ``node_loss`` (deselected by default:
+``python -m pytest -m node_loss``); the driver-kill test runs in the suite.
 """
 
 from __future__ import annotations
@@ -221,6 +222,7 @@ def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float, what
 
 
 # ---- 1. a node lost during training -------------------------------------------------------------
+@pytest.mark.node_loss
 def test_node_lost_mid_epoch_training_resumes_from_its_checkpoint(cluster, prepared, tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -269,6 +271,7 @@ def test_node_lost_mid_epoch_training_resumes_from_its_checkpoint(cluster, prepa
 
 
 # ---- 2. the same node lost during a sweep -------------------------------------------------------
+@pytest.mark.node_loss
 def test_node_lost_mid_sweep_retries_the_trial_from_its_checkpoint(cluster, prepared, tmp_path):
 
     out = tmp_path / "out"
