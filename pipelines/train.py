@@ -74,10 +74,7 @@ __all__ = ["make_trainer", "train_loop_per_worker", "main", "resolve_data", "che
            "examples_dataset", "summarize"]
 
 DATASET_NAME = "train"
-# logged_metrics.jsonl: what rank 0 logged per epoch, checkpointed with the epoch so a restart
-# can send MLflow any epoch the lost process checkpointed but never logged
-LOGGED_METRICS = "logged_metrics.jsonl"
-CHECKPOINT_FILES = ("latest.pt", "best.pt", "mlflow_run_id", LOGGED_METRICS)
+CHECKPOINT_FILES = ("latest.pt", "best.pt", "mlflow_run_id")
 SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # ray.train.v2 CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 GPU_CHECK_ESCAPE = "DIFFUREC_ALLOW_PENDING_GPUS"
 
@@ -196,18 +193,14 @@ def _write_status(status_dir: str | None, **fields) -> None:
     os.replace(tmp, path)
 
 
-def _backfill_metrics(tracker, logged_path: Path) -> None:
-    """Log the checkpointed epochs that never reached the MLflow run (a process lost between its
-    checkpoint and its log call)."""
+def _logged_epochs(tracker) -> set[int]:
+    """The epochs the MLflow run already holds. An epoch is logged before its checkpoint is
+    committed (so a trial that ASHA stops at that report keeps it); a process lost in between
+    leaves an epoch logged but not checkpointed, which the restart trains again (the same
+    per-epoch random streams) and does not log twice."""
     from diffurec.tracking import mlflow_metric_name
 
-    if not logged_path.is_file():
-        return
-    have = {m.step for m in tracker.client.get_metric_history(tracker.run_id, mlflow_metric_name("train/loss"))}
-    for line in logged_path.read_text().splitlines():
-        row = json.loads(line)
-        if row["epoch"] not in have:
-            tracker.log_metrics(row["metrics"], step=row["epoch"])
+    return {m.step for m in tracker.client.get_metric_history(tracker.run_id, mlflow_metric_name("train/loss"))}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -281,7 +274,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     seed_everything(cfg.seed)
     model = ray.train.torch.prepare_model(build_model(cfg, data.num_items), parallel_strategy_kwargs=DDP_OPTIONS)
 
-    tracker = None
+    tracker, logged_epochs = None, set()
     if rank == 0:
         tracker = MLflowRun(loop_config["mlflow_uri"], experiment=loop_config.get("experiment") or "diffurec",
                             run_name=loop_config.get("run_name"), parent_run_id=loop_config.get("parent_run_id"),
@@ -295,7 +288,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         (run_dir / "mlflow_run_id").write_text(tracker.run_id)
         if resume_from is not None:
             tracker.set_tags({"resumed_from_epoch": resumed_epoch})
-            _backfill_metrics(tracker, run_dir / LOGGED_METRICS)
+            logged_epochs = _logged_epochs(tracker)
 
     # ---- hooks -------------------------------------------------------------------------------
     def batches_for_epoch(epoch: int):
@@ -341,9 +334,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.report(report, checkpoint=None)
             return
         report["mlflow_run_id"] = tracker.run_id
-        logged = {k: v for k, v in report.items() if isinstance(v, (int, float))}
-        with open(run_dir / LOGGED_METRICS, "a") as fh:
-            fh.write(json.dumps({"epoch": epoch, "metrics": logged}) + "\n")
+        if epoch not in logged_epochs:
+            tracker.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))}, step=epoch)
         shown = {k: round(v, 4) for k, v in report.items() if k.startswith(("train/loss", "train/samples", "valid/N"))}
         # sys.stderr.write, not print: Ray Train's print patch would log the line twice
         sys.stderr.write(f"epoch {epoch}: {shown}\n")
@@ -360,9 +352,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
         finally:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-        # logged after the checkpoint is committed: an epoch in MLflow is never trained again
-        # (a process lost in between leaves it to the restart's backfill)
-        tracker.log_metrics(logged, step=epoch)
 
     # ---- train, then test the best model (rank 0) ---------------------------------------------
     try:

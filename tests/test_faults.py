@@ -371,6 +371,11 @@ def test_sweep_driver_killed_resumes_with_rungs_and_parent(prepared, tmp_path):
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     statuses = {c.data.tags["trial_id"]: (c.data.tags.get("trial_status"), c.info.status) for c in children}
     assert len(statuses) == 4 and all(s[1] != "RUNNING" for s in statuses.values()), statuses
+    # a trial cut off mid-run went on from its checkpoint, not from epoch 1
+    resumed = {c.data.tags["trial_id"]: c.data.tags.get("resumed_from_epoch") for c in children}
+    for trial_id, steps in before.items():
+        if steps and len(after[trial_id]) > len(steps):
+            assert resumed[trial_id] is not None and int(resumed[trial_id]) >= 1, (trial_id, resumed)
     # ASHA's decisions stand: a trial stopped at a rung before the kill is not trained further
     for trial_id, steps in before.items():
         if statuses[trial_id][0] == "stopped_by_asha":
