@@ -365,7 +365,9 @@ def sweeps(runs: list[dict]) -> list[dict]:
         trials = [{"trial_id": c["tags"].get("trial_id", c["run_id"][:8]), "run_id": c["run_id"],
                    "status": c["tags"]["trial_status"], "valid/NDCG@10": c["metrics"][metric],
                    "epochs": int(c["metrics"].get("epoch", 0)),
-                   "params": {k: c["params"].get(k) for k in dists}} for c in children]
+                   "params": {k: c["params"].get(k) for k in dists},
+                   **{k: c["metrics"][k] for k in ("test/NDCG@10", "test/HR@10") if k in c["metrics"]}}
+                  for c in children]
         trials.sort(key=lambda t: -t["valid/NDCG@10"])
         entry = {"name": parent["tags"].get("sweep", parent["run_id"][:8]), "run_id": parent["run_id"],
                  "dataset": parent["dataset"] if parent["dataset"] != "unknown" else
@@ -382,17 +384,29 @@ def sweeps(runs: list[dict]) -> list[dict]:
     return out
 
 
+def _short(value: str | None) -> str:
+    """A logged float param with 3 significant digits (0.0019961115 -> 0.002)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return value if "." not in str(value) and "e" not in str(value) else f"{number:.3g}"
+
+
 def _sweep_lines(sweep: dict, out_dir: Path, link) -> list[str]:
     from diffurec.importance import plot_importances
 
-    counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(sweep["counts"].items()))
+    counts = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in sorted(sweep["counts"].items()) if v)
     lines = [f"## Sweep: {sweep['name']} ({sweep['dataset']})", "",
              f"Parent run {link(sweep['run_id'])}; {len(sweep['trials'])} trials with a validation metric "
              f"({counts}). Every choice below is made on validation NDCG@10 (the best epoch of each trial).", ""]
     if sweep["best"]:
         best = sweep["best"]
+        shown = ", ".join(f"{k}={_short(v)}" for k, v in best["params"].items())
+        tested = (f" (its test NDCG@10 {100 * best['test/NDCG@10']:.2f}, HR@10 {100 * best['test/HR@10']:.2f}, "
+                  "read after the choice)" if "test/NDCG@10" in best else "")
         lines += [f"Best trial {best['trial_id']} ({link(best['run_id'])}): valid NDCG@10 "
-                  f"{100 * best['valid/NDCG@10']:.2f}, " + ", ".join(f"{k}={v}" for k, v in best["params"].items()), ""]
+                  f"{100 * best['valid/NDCG@10']:.2f}{tested}; {shown}", ""]
     if sweep["importances"]:
         name = re.sub(r"[^A-Za-z0-9_-]+", "_", sweep["name"])
         png = f"importances_{name}.png"
