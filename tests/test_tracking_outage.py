@@ -93,8 +93,8 @@ class TrackingServer:
 @pytest.fixture
 def server(tmp_path):
     srv = TrackingServer(tmp_path)
-    srv.start()
     try:
+        srv.start()  # inside: a server that never answers is stopped too
         yield srv
     finally:
         srv.stop()
