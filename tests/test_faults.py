@@ -308,10 +308,14 @@ def test_node_lost_mid_sweep_retries_the_trial_from_its_checkpoint(cluster, prep
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len({c.data.tags["trial_id"] for c in children}) == len(children) == 2
     resumed = 0
+    expected = {"completed": "FINISHED", "stopped_by_asha": "KILLED"}  # ASHA may stop the weaker one
     for c in children:
-        assert c.data.tags["trial_status"] == "completed" and c.info.status == "FINISHED", c.data.tags
+        status = c.data.tags["trial_status"]
+        assert status in expected and c.info.status == expected[status], (status, c.info.status)
         # every epoch once: a retried trial continued from its checkpoint
-        assert _steps(client, c.info.run_id) == [1, 2, 3], c.data.tags["trial_id"]
+        steps = _steps(client, c.info.run_id)
+        assert steps == list(range(1, len(steps) + 1)), (c.data.tags["trial_id"], steps)
+        assert status != "completed" or steps == [1, 2, 3], (c.data.tags["trial_id"], steps)
         resumed += "resumed_from_epoch" in c.data.tags
     assert resumed >= 1, "the lost node held a trial's worker: that trial resumed from its checkpoint"
 
