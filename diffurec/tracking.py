@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -128,26 +129,20 @@ class PendingWrites:
                 self.ops = ops  # left by an earlier process of this run: sent first
 
     def add(self, op: dict) -> None:
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if op["op"] == "artifact":
-                # the file may live in a folder that is removed when the process ends (a Ray
-                # worker's): keep a copy beside the pending file
-                import shutil
-
-                kept = self.path.parent / f"{self.path.stem}_files" / f"{len(self.ops):04d}" / Path(op["path"]).name
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(op["path"], kept)
-                op = {**op, "path": str(kept)}
+        if self.path is not None and op["op"] == "artifact":
+            # the file may live in a folder that is removed when the process ends (a Ray
+            # worker's): keep a copy beside the pending file
+            kept = self._files / f"{len(self.ops):04d}" / Path(op["path"]).name
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(op["path"], kept)
+            op = {**op, "path": str(kept)}
         self.ops.append(op)
         if self.path is None:
             return
-        new = not self.path.is_file()
+        if not self.path.is_file():
+            self._rewrite()
+            return
         with open(self.path, "a") as fh:
-            if new:
-                fh.write(json.dumps({"tracking_uri": self.tracking_uri, "run_id": self.run_id}) + "\n")
-                for earlier in self.ops[:-1]:
-                    fh.write(json.dumps(earlier) + "\n")
             fh.write(json.dumps(op) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -157,15 +152,25 @@ class PendingWrites:
         self.ops = self.ops[count:]
         if self.path is None or not self.path.is_file():
             return
-        if not self.ops:
+        if self.ops:
+            self._rewrite()
+        else:
             self.path.unlink()
-            import shutil
+            shutil.rmtree(self._files, ignore_errors=True)
 
-            shutil.rmtree(self.path.parent / f"{self.path.stem}_files", ignore_errors=True)
-            return
+    @property
+    def _files(self) -> Path:
+        return self.path.parent / f"{self.path.stem}_files"
+
+    def _rewrite(self) -> None:
+        """The whole file (first line: the store and run), replaced atomically."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        head = {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(x) + "\n" for x in
-                               [{"tracking_uri": self.tracking_uri, "run_id": self.run_id}, *self.ops]))
+        with open(tmp, "w") as fh:
+            fh.write("".join(json.dumps(x) + "\n" for x in [head, *self.ops]))
+            fh.flush()
+            os.fsync(fh.fileno())
         tmp.replace(self.path)
 
 
@@ -244,7 +249,7 @@ class MLflowRun:
 
     # ---- writes that ride out an outage ---------------------------------------------------------
     def _apply(self, op: dict) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         kind = op["op"]
         if kind == "metrics":
@@ -252,8 +257,7 @@ class MLflowRun:
             for i in range(0, len(batch), 1000):
                 self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
         elif kind == "tags":
-            for k, v in op["values"].items():
-                self.client.set_tag(self.run_id, k, v)
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op["values"].items()])
         elif kind == "artifact":
             self.client.log_artifact(self.run_id, op["path"], op["artifact_path"])
         elif kind == "terminate":
