@@ -20,7 +20,9 @@ log_batch of params, tags and every metric point with its step and timestamp, se
 with its status and end time) and tags it ``diffurec.source_run_id`` with the original id; a run
 whose id or original id the target experiment already holds is skipped, so importing twice, or
 into the store it came from, adds nothing. Nested runs keep their nesting: ``mlflow.parentRunId``
-is rewritten to the parent's id in the target store.
+is rewritten to the parent's id in the target store. Exporting an imported run writes it back
+under its original id (the tag dropped, the parent's id mapped back), so import, a change in the
+UI or by the client (a tag, a note), then export updates the run's own file: no copy appears.
 
 Why not the ``mlflow-export-import`` package: its PyPI release (1.2.0, the newest there) writes
 a folder per run whose ``run.json`` carries the export time, user, platform and tracking URI
@@ -209,18 +211,27 @@ def _all_runs(client, experiment_ids: list[str], filter_string: str = ""):
             return
 
 
-def run_record(client, run, experiment: str, root: str | os.PathLike = ".") -> dict:
-    """One run as its exported record (see the module docstring)."""
+def run_record(client, run, experiment: str, root: str | os.PathLike = ".",
+               source_ids: dict[str, str] | None = None) -> dict:
+    """One run as its exported record (see the module docstring). ``source_ids`` maps a store's
+    run id to the id it was imported from, for the run and its parent."""
     info = run.info
+    source_ids = source_ids or {}
+    tags = _portable_tags(run.data.tags, root)
+    # an imported run exports as the run it was imported from: import -> edit -> export updates
+    # that run's file instead of adding a copy under the store's new id
+    run_id = tags.pop(SOURCE_TAG, info.run_id)
+    if tags.get(PARENT_TAG) in source_ids:
+        tags[PARENT_TAG] = source_ids[tags[PARENT_TAG]]
     metrics = {}
     for key in sorted(run.data.metrics):
         history = client.get_metric_history(info.run_id, key)
         history = sorted(history, key=lambda m: _order(m.step, m.timestamp, m.value))
         metrics[key] = [[m.step, m.timestamp, _number(m.value)] for m in history]
-    return {"format": FORMAT, "run_id": info.run_id, "run_name": info.run_name, "experiment": experiment,
+    return {"format": FORMAT, "run_id": run_id, "run_name": info.run_name, "experiment": experiment,
             "status": info.status, "start_time": info.start_time, "end_time": info.end_time,
             "params": {k: portable_value(v, root) for k, v in run.data.params.items()},
-            "tags": _portable_tags(run.data.tags, root), "metrics": metrics}
+            "tags": tags, "metrics": metrics}
 
 
 def export_runs(tracking_uri: str, out_dir: str | os.PathLike, experiments: list[str] | None = None,
@@ -236,10 +247,14 @@ def export_runs(tracking_uri: str, out_dir: str | os.PathLike, experiments: list
     names = sorted(experiments or exps)
     out_dir = Path(out_dir)
     exported = changed = 0
+    # every imported run's original id, parents outside the filter included
+    source_ids = {run.info.run_id: run.data.tags[SOURCE_TAG]
+                  for run in _all_runs(client, [exps[n].experiment_id for n in names]) if SOURCE_TAG in run.data.tags}
     for name in names:
         for run in _all_runs(client, [exps[name].experiment_id], run_filter or ""):
-            path = out_dir / folder_name(name) / f"{run.info.run_id}.json"
-            text = dumps_record(run_record(client, run, name, root))
+            record = run_record(client, run, name, root, source_ids)
+            path = out_dir / folder_name(name) / f"{record['run_id']}.json"
+            text = dumps_record(record)
             exported += 1
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
                 path.parent.mkdir(parents=True, exist_ok=True)

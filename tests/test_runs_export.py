@@ -97,11 +97,16 @@ def test_export_import_round_trip(tmp_path):
     assert import_runs(out, dst)["skipped"] == 3 and len(client.search_runs(exps)) == 3
     assert import_runs(out, src) == {"imported": 0, "skipped": 3, "experiments": ["other", "sweeps"],
                                      "tracking_uri": src}
-    # the imported store exports the same runs (new ids, their original in the source tag)
+    # the imported store exports the same files, under the original ids with the original nesting;
+    # a tag set after the import lands in that run's own file, not in a copy
     again = tmp_path / "again"
-    export_runs(dst, again, experiments=["other"], root=repo)
-    (record,) = read_runs(again)
-    assert record["tags"][SOURCE_TAG] == ids["running"] and record["metrics"] == read_runs(out, ["other"])[0]["metrics"]
+    assert export_runs(dst, again, root=repo)["exported"] == 3 and snapshot(again) == files
+    client.set_tag(runs[ids["child"]].info.run_id, "ablation", "lr")
+    export_runs(dst, again, experiments=["sweeps"], run_filter="tags.ablation = 'lr'", root=repo)
+    assert sorted(snapshot(again)) == sorted(files)
+    (edited,) = [r for r in read_runs(again, ["sweeps"]) if r["run_id"] == ids["child"]]
+    assert edited["tags"] == dict(json.loads(files[f"sweeps/{ids['child']}.json"])["tags"], ablation="lr")
+    assert edited["tags"]["mlflow.parentRunId"] == ids["parent"]
 
 
 def test_export_filter_and_missing_experiment(tmp_path):
