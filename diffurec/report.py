@@ -426,6 +426,49 @@ def _sweep_lines(sweep: dict, out_dir: Path, link) -> list[str]:
     return lines
 
 
+# what each named ablation varies; shown above its table
+ABLATION_NOTES = {
+    "lambda_mean": "The uncertainty weight: lambda ~ N(lambda_mean, lambda_std) elementwise, with lambda_std = "
+                   "lambda_mean. At 0 the noised target item never enters the Approximator, so the model is a "
+                   "Transformer over the history trained with cross-entropy; at 1 the noised target is on the "
+                   "scale of the history's embeddings.",
+    "reverse_steps": "The number of reverse denoising steps S at evaluation, on one trained model "
+                     "(`python -m diffurec evaluate --reverse-steps S`): the same weights at each point.",
+    "reference_transformer": "The reference code's Transformer block against this project's earlier block, "
+                             "all five block keys switched together (see block_key for each alone).",
+    "block_key": "Each key of the Transformer block switched alone from the reference code's value (the "
+                 "default; reference_block is the run with all five at it) to this project's earlier one: "
+                 "`gelu` exact (reference: tanh), `dropout_placement` residual (reference: also on the "
+                 "feed-forward's hidden activation and every block's output), `layer_norm_eps` 1e-5 "
+                 "(reference: 1e-12), `linear_init` torch (reference: Xavier normal), "
+                 "`ce_padding_column` false (reference: the padding id's column in the cross-entropy).",
+}
+
+
+def _ablation_finding(name: str, points: list[dict]) -> list[str]:
+    """The point that validates best, and for lambda what that says about the diffusion input."""
+    scored = [p for p in points if "valid/NDCG@10" in p]
+    if len(scored) < 2:
+        return []
+    best = max(scored, key=lambda p: p["valid/NDCG@10"])
+    test = f", test NDCG@10 {100 * best['test/NDCG@10']:.2f}" if "test/NDCG@10" in best else ""
+    out = [f"Best on validation NDCG@10: {best['label']} ({100 * best['valid/NDCG@10']:.2f}{test})."]
+    if name == "lambda_mean":
+        top = max(p["value"] for p in scored if isinstance(p["value"], (int, float)))
+        worst = next(p for p in scored if p["value"] == top)
+        drop = 100 * (best["valid/NDCG@10"] - worst["valid/NDCG@10"])
+        if best["value"] == 0:
+            out.append(f"The best validation is at lambda 0, with no diffusion input: on this data the "
+                       f"uncertainty injection does not improve the ranking, and at lambda {top:g} validation "
+                       f"NDCG@10 is {drop:.2f} points lower"
+                       + (f" while test HR@10 goes from {100 * best['test/HR@10']:.2f} to "
+                          f"{100 * worst['test/HR@10']:.2f}: the noised target spreads the ranking, it does "
+                          f"not sharpen it." if "test/HR@10" in best and "test/HR@10" in worst else "."))
+        else:
+            out.append(f"The diffusion input helps on validation: lambda {best['label']} is above lambda 0.")
+    return out
+
+
 def plot_ablation(name: str, points: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -583,7 +626,9 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
         for name, points in abl.items():
             png = f"ablation_{name}.png"
             plot_ablation(name, points, out_dir / png)
-            lines += [f"### {name}", "", f"![{name}]({png})", "",
+            note = [ABLATION_NOTES[name], ""] if name in ABLATION_NOTES else []
+            finding = _ablation_finding(name, points)
+            lines += [f"### {name}", "", *note, f"![{name}]({png})", "", *([" ".join(finding), ""] if finding else []),
                       "| dataset | model | value | valid NDCG@10 | valid HR@10 | test NDCG@10 | test HR@10 | run |",
                       "|---|---|---|---|---|---|---|---|"]
             for p in points:

@@ -222,3 +222,20 @@ def test_a_sweep_gets_its_importances_table_plot_and_trials(tmp_path):
     sweep = json.loads((tmp_path / "docs" / "results.json").read_text())["_sweeps"][0]
     assert sweep["best"]["valid/NDCG@10"] == max(float(r["params"]["lr"]) * 10 for r in [sweep["best"]])
     assert sum(r["fanova"] for r in sweep["importances"]) == pytest.approx(1.0)
+
+
+def test_the_lambda_ablation_says_whether_the_diffusion_input_helps():
+    from diffurec.report import _ablation_finding
+
+    def point(value, valid, test_hr):
+        return {"value": value, "label": str(value), "valid/NDCG@10": valid, "test/NDCG@10": valid - 0.01,
+                "test/HR@10": test_hr}
+
+    flat = [point(0.0, 0.058, 0.080), point(0.1, 0.057, 0.081), point(1.0, 0.055, 0.085)]
+    text = " ".join(_ablation_finding("lambda_mean", flat))
+    assert "Best on validation NDCG@10: 0.0 (5.80" in text
+    assert "does not improve the ranking" in text and "0.30 points lower" in text and "8.00 to 8.50" in text
+    helps = [point(0.0, 0.055, 0.080), point(0.1, 0.058, 0.081), point(1.0, 0.054, 0.085)]
+    text = " ".join(_ablation_finding("lambda_mean", helps))
+    assert "helps on validation: lambda 0.1" in text and "does not improve" not in text
+    assert _ablation_finding("gelu", [point(0.0, 0.05, 0.08)]) == []  # one point: nothing to compare
