@@ -126,11 +126,23 @@ def load_exported_runs(runs_dir: str | Path, experiments: list[str] | None = Non
                      latest_metrics(r), history(r)) for r in records]
 
 
+# schedules whose shape is set by ``epochs`` (the learning rate reaches 0 at the last epoch): there
+# ``epochs`` changes what is trained
+EPOCH_SHAPED_SCHEDULES = {"cosine", "warmup_cosine"}
+
+
+def _ignored_keys(config: dict) -> set[str]:
+    if str(config.get("lr_schedule")) in EPOCH_SHAPED_SCHEDULES:
+        return NON_MODEL_KEYS - {"epochs"}
+    return NON_MODEL_KEYS
+
+
 def _config_key(params: dict[str, str]) -> tuple:
     """The training config a run's params describe, defaults filled in, so a run logged before
     a config key existed groups with later runs that leave that key at its default."""
     full = _typed_or_none(params) or params  # not a Config (foreign runs): as logged
-    return tuple(sorted((k, str(v)) for k, v in full.items() if k not in NON_MODEL_KEYS))
+    ignored = _ignored_keys(full)
+    return tuple(sorted((k, str(v)) for k, v in full.items() if k not in ignored))
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -315,8 +327,9 @@ def _config_diff(row: dict, head: dict | None) -> str:
     """'headline' for the row ``results.json`` keeps; else the keys where its config differs."""
     if head is None or row is head:
         return "headline"
+    ignored = _ignored_keys(row["config"]) & _ignored_keys(head["config"])
     diff = [f"{k}={v}" for k, v in sorted(row["config"].items())
-            if k not in NON_MODEL_KEYS and head["config"].get(k) != v]
+            if k not in ignored and head["config"].get(k) != v]
     return ", ".join(diff) or "headline"
 
 

@@ -239,3 +239,19 @@ def test_the_lambda_ablation_says_whether_the_diffusion_input_helps():
     text = " ".join(_ablation_finding("lambda_mean", helps))
     assert "helps on validation: lambda 0.1" in text and "does not improve" not in text
     assert _ablation_finding("gelu", [point(0.0, 0.05, 0.08)]) == []  # one point: nothing to compare
+
+
+def test_epochs_split_rows_only_where_they_shape_the_schedule():
+    from diffurec.report import main_groups, run_dict
+
+    def run(i, schedule, epochs):
+        params = {k: str(v) for k, v in {"model": "diffurec", "lr_schedule": schedule, "epochs": epochs,
+                                          "seed": i}.items()}
+        return run_dict(f"r{i}", "beauty", "FINISHED", i, {"dataset": "beauty"}, params,
+                        {"test/NDCG_at_10": 0.05})
+
+    cosine = main_groups([run(1, "cosine", 12), run(2, "cosine", 40), run(3, "cosine", 40)])
+    assert sorted(len(row["runs"]) for row in cosine) == [1, 2]
+    # under a constant rate ``epochs`` is only early stopping's cap: one config
+    constant = main_groups([run(1, "constant", 12), run(2, "constant", 40)])
+    assert [len(row["runs"]) for row in constant] == [2]
