@@ -247,11 +247,14 @@ def export_runs(tracking_uri: str, out_dir: str | os.PathLike, experiments: list
     names = sorted(experiments or exps)
     out_dir = Path(out_dir)
     exported = changed = 0
-    # every imported run's original id, parents outside the filter included
-    source_ids = {run.info.run_id: run.data.tags[SOURCE_TAG]
-                  for run in _all_runs(client, [exps[n].experiment_id for n in names]) if SOURCE_TAG in run.data.tags}
+    selected = {n: list(_all_runs(client, [exps[n].experiment_id], run_filter or "")) for n in names}
+    # every imported run's original id, for parents too; a filter may leave a parent out, and only
+    # then is the store searched a second time
+    everyone = ([r for runs in selected.values() for r in runs] if not run_filter
+                else _all_runs(client, [exps[n].experiment_id for n in names]))
+    source_ids = {run.info.run_id: run.data.tags[SOURCE_TAG] for run in everyone if SOURCE_TAG in run.data.tags}
     for name in names:
-        for run in _all_runs(client, [exps[name].experiment_id], run_filter or ""):
+        for run in selected[name]:
             record = run_record(client, run, name, root, source_ids)
             path = out_dir / folder_name(name) / f"{record['run_id']}.json"
             text = dumps_record(record)
