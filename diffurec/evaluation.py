@@ -108,7 +108,7 @@ def evaluate_detailed(model: nn.Module, data: SequenceData, split: str, cfg: Con
                               order=order, with_index=True)
     kwargs = {} if reverse_steps is None else {"reverse_steps": reverse_steps}
     dtype = autocast_dtype(device, cfg.precision)
-    items = model.item_matrix(dtype)
+    items = model.item_matrix()  # float32: scores rank in float32 (SequenceEncoderBase.score)
     bar = progress_bar(len(order), f"eval {split} (detailed)", progress)
     with autocast(device, cfg.precision), packed_weights(model, dtype or torch.float32):
         for batch in batches:

@@ -448,7 +448,7 @@ class Recommender:
         ends = offsets[1:]
         starts = np.maximum(offsets[:-1], ends - cfg.max_len)
         dtype = autocast_dtype(device, cfg.precision)
-        items = self.model.item_matrix(dtype)
+        items = self.model.item_matrix()  # float32, as evaluation ranks
         hidden = items.shape[1]  # the model's own width, whatever an inference-time --set says
         kwargs = {"reverse_steps": cfg.reverse_steps, "deterministic": cfg.deterministic_reverse} \
             if self.diffusion else {}

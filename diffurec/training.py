@@ -255,10 +255,10 @@ def rank_batches(model: nn.Module, batches: Iterable[dict], cfg: Config, device:
     kwargs = {} if reverse_steps is None else {"reverse_steps": reverse_steps}
     # one autocast region for the whole pass: it caches the bf16 casts of the weights it casts;
     # on CPU the Transformer's linears take weights cast and packed once for the pass
-    # (packed_weights), and the item matrix is cast once here (a slice, which autocast would
-    # cast every batch)
+    # (packed_weights); the scores against all items are float32 whatever the precision
+    # (SequenceEncoderBase.score: bf16 scores tie the target with its neighbours)
     dtype = autocast_dtype(device, cfg.precision)
-    items = model.item_matrix(dtype)
+    items = model.item_matrix()
     with autocast(device, cfg.precision), packed_weights(model, dtype or torch.float32):
         for batch in batches:
             history = batch["history"].to(device)

@@ -18,6 +18,7 @@ from diffurec.metrics import RankingMetrics, target_ranks
 from diffurec.models import build_model
 from diffurec.training import (
     EVAL_BATCHING,
+    autocast,
     bucketing_rng,
     eval_batch_order,
     eval_batching,
@@ -147,6 +148,27 @@ def test_evaluation_metrics_do_not_depend_on_the_batching(data, model, exclude_h
     for got in results[1:]:
         assert got == pytest.approx(results[0], abs=1e-9)
     assert results[0]["HR@20"] > 0
+
+
+@pytest.mark.parametrize("model", ["diffurec", "sasrec"])
+def test_bf16_evaluation_ranks_on_float32_scores(data, model):
+    """Under bf16 autocast the scores against all items stay float32: an item 0.01 above the
+    target outranks it. In bf16 both scores round to 10.0, and the tie would count for the target."""
+    net = build_model(tiny(f"model={model}"), data.num_items).eval()
+    with torch.no_grad():
+        net.item_embeddings.weight.zero_()
+        net.item_embeddings.weight[1, 0] = 10.0  # item 1, the target
+        net.item_embeddings.weight[2, 0] = 10.01
+    rep = torch.zeros(1, net.item_embeddings.weight.shape[1])
+    rep[0, 0] = 1.0
+    target = torch.tensor([1])
+    items = net.item_matrix()
+    with autocast(torch.device("cpu"), "bf16"):
+        scores = net.score(rep, items)
+    assert scores.dtype == torch.float32
+    assert target_ranks(scores, target).item() == 2
+    in_bf16 = (rep.bfloat16() @ items.bfloat16().t()).float()  # the tie this guards against
+    assert target_ranks(in_bf16, target).item() == 1
 
 
 def test_evaluation_batching_defaults_by_device_and_keeps_what_is_set(data):

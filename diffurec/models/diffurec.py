@@ -61,12 +61,16 @@ class SequenceEncoderBase(nn.Module):
         return x, attention_mask(valid, self.causal, L, history.device)
 
     def score(self, rep: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
-        """Rounding: inner product with every real item; column j is item j + 1.
+        """Rounding: inner product with every real item, in float32 under any autocast; column j
+        is item j + 1. ``items`` is ``item_matrix()``, computed once by an evaluation pass.
 
-        ``items`` is ``item_matrix`` computed once by the caller: an evaluation pass passes it so
-        that bf16 autocast does not cast the [items, hidden] matrix again for every batch.
+        Ranking needs the float32 product: a bf16 score keeps 8 significant bits, so near the top
+        of a ranking (scores around 10, spaced 0.06 apart in bf16) the target ties with its
+        neighbours, and ``target_ranks`` counts ties in the target's favour.
         """
-        return rep @ (self.item_matrix() if items is None else items).t()
+        items = self.item_matrix() if items is None else items
+        with torch.autocast(rep.device.type, enabled=False):
+            return rep.float() @ items.float().t()
 
     def item_matrix(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The real items' embeddings [num_items, H] (row 0, the padding id, left out)."""
