@@ -137,6 +137,18 @@ def _ignored_keys(config: dict) -> set[str]:
     return NON_MODEL_KEYS
 
 
+def bf16_ranked(run: dict) -> bool:
+    """A bf16 run from before rankings used float32 scores (``tracking.RUN_TAGS``): its bf16
+    scores tied the target with its neighbours and the ties counted for the target, so its
+    HR and NDCG read high. Its rows and points are marked, and never the headline."""
+    return (run["params"].get("precision") == "bf16"
+            and run["tags"].get("ranking_scores") != "float32")
+
+
+BF16_RANKED_NOTE = ("bf16-ranked: evaluated on bf16 scores (8 significant bits), where items tied with the "
+                    "target counted in its favour; these figures read high. Later runs rank on float32 scores.")
+
+
 def _config_key(params: dict[str, str]) -> tuple:
     """The training config a run's params describe, defaults filled in, so a run logged before
     a config key existed groups with later runs that leave that key at its default."""
@@ -185,16 +197,16 @@ def main_groups(runs: list[dict]) -> list[dict]:
         if (r["status"] != "FINISHED" or "mlflow.parentRunId" in t or ("ablation" in t and "budget" in t)
                 or t.get("kind") in ("evaluation", "sweep") or "test/NDCG@10" not in r["metrics"]):
             continue
-        groups[(r["dataset"], r["model"], _config_key(r["params"]))].append(r)
+        groups[(r["dataset"], r["model"], _config_key(r["params"]), bf16_ranked(r))].append(r)
     rows = []
-    for (dataset, model, _), members in groups.items():
+    for (dataset, model, _, tied), members in groups.items():
         members.sort(key=lambda r: r["params"].get("seed", ""))
         metrics = sorted({k for r in members for k in r["metrics"] if k.startswith(("test/", "valid/", "best/"))
                           or k in ("seconds_to_best", "best_epoch")})
         row = {"dataset": dataset, "model": model, "runs": [r["run_id"] for r in members],
                "budget": sorted({r["tags"]["budget"] for r in members if "budget" in r["tags"]}),
                "epochs_run": [int(r["metrics"].get("best_epoch", 0)) for r in members],
-               "seeds": [r["params"].get("seed") for r in members],
+               "seeds": [r["params"].get("seed") for r in members], "bf16_ranked": tied,
                "machines": sorted({r["tags"]["machine"] for r in members if "machine" in r["tags"]}),
                # the newest run's config: a resumed older run may carry a stale epochs cap
                "config": _typed(max(members, key=lambda r: r.get("start_time", 0))["params"])}
@@ -208,12 +220,13 @@ def main_groups(runs: list[dict]) -> list[dict]:
 
 
 def headline(rows: list[dict]) -> dict:
-    """{dataset: {model: row}}: the row with most runs, ties broken by validation NDCG@10."""
+    """{dataset: {model: row}}: the row with most runs, ties broken by validation NDCG@10; a
+    bf16-ranked row only where no other row exists."""
     best: dict[str, dict[str, dict]] = defaultdict(dict)
 
     def score(row):
         valid = row.get("best/valid/NDCG@10") or row.get("valid/NDCG@10") or {}
-        return len(row["runs"]), valid.get("mean", 0.0)
+        return not row.get("bf16_ranked"), len(row["runs"]), valid.get("mean", 0.0)
 
     for row in rows:
         current = best[row["dataset"]].get(row["model"])
@@ -247,6 +260,8 @@ def ablations(runs: list[dict]) -> dict[str, list[dict]]:
                 point["labelled"] = True  # a variant at this value (e.g. a fixed lambda), not the sweep
             if "budget" in r["tags"]:
                 point["budget"] = r["tags"]["budget"]
+            if bf16_ranked(r):
+                point["bf16_ranked"] = True
             for k in ("valid/NDCG@10", "test/NDCG@10", "valid/HR@10", "test/HR@10", "seconds_to_best", "best_epoch"):
                 if k in r["metrics"]:
                     point[k] = r["metrics"][k]
@@ -378,7 +393,7 @@ def sweeps(runs: list[dict]) -> list[dict]:
         trials = [{"trial_id": c["tags"].get("trial_id", c["run_id"][:8]), "run_id": c["run_id"],
                    "status": c["tags"]["trial_status"], "valid/NDCG@10": c["metrics"][metric],
                    "epochs": int(c["metrics"].get("epoch", 0)),
-                   "params": {k: c["params"].get(k) for k in dists},
+                   "params": {k: c["params"].get(k) for k in dists}, "bf16_ranked": bf16_ranked(c),
                    **{k: c["metrics"][k] for k in ("test/NDCG@10", "test/HR@10") if k in c["metrics"]}}
                   for c in children]
         trials.sort(key=lambda t: -t["valid/NDCG@10"])
@@ -413,6 +428,9 @@ def _sweep_lines(sweep: dict, out_dir: Path, link) -> list[str]:
     lines = [f"## Sweep: {sweep['name']} ({sweep['dataset']})", "",
              f"Parent run {link(sweep['run_id'])}; {len(sweep['trials'])} trials with a validation metric "
              f"({counts}). Every choice below is made on validation NDCG@10 (the best epoch of each trial).", ""]
+    if any(t.get("bf16_ranked") for t in sweep["trials"]):
+        lines += [f"Its trials are bf16-ranked: {BF16_RANKED_NOTE} The bias grows with the scale of a "
+                  "model's scores, so even their order is approximate.", ""]
     if sweep["best"]:
         best = sweep["best"]
         shown = ", ".join(f"{k}={_short(v)}" for k, v in best["params"].items())
@@ -601,7 +619,8 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
         best_epoch = "-" if not be else (f"{be['mean']:.0f} ± {be['std']:.0f}" if be["n"] > 1 else f"{be['mean']:.0f}")
         valid = row.get("best/valid/NDCG@10") or row.get("valid/NDCG@10")
         head = heads.get(row["dataset"], {}).get(row["model"])
-        lines.append(f"| {row['dataset']} | {row['model']} | {_config_diff(row, head)} | {len(row['runs'])} | "
+        mark = " (bf16-ranked †)" if row.get("bf16_ranked") else ""
+        lines.append(f"| {row['dataset']} | {row['model']} | {_config_diff(row, head)}{mark} | {len(row['runs'])} | "
                      + " | ".join(cells) + f" | {_fmt(valid)} | {best_epoch} | {secs} | "
                      + ", ".join(link(r) for r in row["runs"]) + " |")
         for machine in row.get("machines", []):
@@ -612,6 +631,8 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
         lines.append(f"| {dataset} | {model} ({label}) | - | - | " + " | ".join(cells) + " | - | - | - | - |")
     lines += ["", "Valid NDCG@10 is read at each run's best epoch (the checkpoint tested). Train s to best: "
               "training seconds up to the best epoch, validation excluded."]
+    if any(row.get("bf16_ranked") for row in rows):
+        lines += ["", f"† {BF16_RANKED_NOTE}"]
     if machines:
         lines += ["Machines: " + "; ".join(f"{m} ({', '.join(runs)})" for m, runs in sorted(machines.items())) + "."]
     lines.append("")
@@ -647,7 +668,8 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
             for p in points:
                 cells = [f"{100 * p[k]:.2f}" if k in p else "-"
                          for k in ("valid/NDCG@10", "valid/HR@10", "test/NDCG@10", "test/HR@10")]
-                lines.append(f"| {p['dataset']} | {p['model']} | {p['label']} | " + " | ".join(cells)
+                mark = " †" if p.get("bf16_ranked") else ""
+                lines.append(f"| {p['dataset']} | {p['model']} | {p['label']}{mark} | " + " | ".join(cells)
                              + f" | {link(p['run_id'])} |")
             spreads = []
             for metric in ("valid/NDCG@10", "test/NDCG@10"):
@@ -657,6 +679,8 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
             if spreads:
                 lines += ["", f"Spread across the {len(points)} points (max - min, percentage points): "
                           f"{'; '.join(spreads)}."]
+            if any(p.get("bf16_ranked") for p in points):
+                lines += ["", f"† {BF16_RANKED_NOTE}"]
             budgets = sorted({p["budget"] for p in points if "budget" in p})
             if budgets:
                 lines += ["", f"Training budget of these runs (not early-stopped; compare them with each "

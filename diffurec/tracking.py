@@ -206,6 +206,12 @@ def replay_pending(path: str | Path, tracking_uri: str | None = None) -> dict:
     return {"run_id": head["run_id"], "sent": count, "tracking_uri": run.tracking_uri}
 
 
+# on every run this code creates: its rankings use float32 scores (SequenceEncoderBase.score).
+# A bf16 run without the tag ranked on bf16 scores, whose ties counted for the target
+# (diffurec.report.bf16_ranked)
+RUN_TAGS = {"ranking_scores": "float32"}
+
+
 class MLflowRun:
     """One MLflow run: params once, metrics per epoch, artifacts and the model at the end.
 
@@ -234,7 +240,7 @@ class MLflowRun:
                 self.client.set_tag(run_id, key, str(value))
         else:
             exp_id = ensure_experiment(tracking_uri, experiment)
-            tags = dict(tags or {})
+            tags = {**RUN_TAGS, **(tags or {})}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
             run = self.client.create_run(exp_id, run_name=run_name, tags=tags)

@@ -255,3 +255,27 @@ def test_epochs_split_rows_only_where_they_shape_the_schedule():
     # under a constant rate ``epochs`` is only early stopping's cap: one config
     constant = main_groups([run(1, "constant", 12), run(2, "constant", 40)])
     assert [len(row["runs"]) for row in constant] == [2]
+
+
+def test_bf16_ranked_runs_are_marked_and_never_the_headline(tmp_path):
+    """bf16 runs without the float32-ranking tag (their ties counted for the target) get their own
+    rows, marked, and lose the headline to float32-ranked runs even with more seeds and a higher
+    (inflated) validation."""
+    from diffurec.report import headline, main_groups, run_dict, write_report_from_runs
+    from diffurec.tracking import RUN_TAGS
+
+    def run(i, tags, valid, precision="bf16"):
+        params = {"model": "diffurec", "precision": precision, "seed": str(i)}
+        return run_dict(f"r{i}", "beauty", "FINISHED", i, {"dataset": "beauty", **tags}, params,
+                        {"test/NDCG_at_10": 0.05, "valid/NDCG_at_10": valid})
+
+    runs = [run(i, {}, 0.06) for i in (1, 2, 3)] + [run(i, RUN_TAGS, 0.05) for i in (4, 5)]
+    runs.append(run(6, {}, 0.04, precision="fp32"))  # float32 scores whatever its tags
+    rows = main_groups(runs)
+    assert sorted((len(r["runs"]), r["bf16_ranked"]) for r in rows) == [(1, False), (2, False), (3, True)]
+    assert headline(rows)["beauty"]["diffurec"]["runs"] == ["r4", "r5"]
+    write_report_from_runs(runs, tmp_path, "test runs")
+    page = (tmp_path / "results.md").read_text()
+    marked = [line for line in page.splitlines() if "bf16-ranked †" in line]
+    assert len(marked) == 1 and "r1" in marked[0]
+    assert "† bf16-ranked: evaluated on bf16 scores" in page
