@@ -345,7 +345,7 @@ def _config_diff(row: dict, head: dict | None) -> str:
     ignored = _ignored_keys(row["config"]) & _ignored_keys(head["config"])
     diff = [f"{k}={v}" for k, v in sorted(row["config"].items())
             if k not in ignored and head["config"].get(k) != v]
-    return ", ".join(diff) or "headline"
+    return ", ".join(diff) or "the headline's config"  # e.g. its bf16-ranked runs
 
 
 def _schedule(c: dict) -> str:

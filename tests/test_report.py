@@ -277,5 +277,5 @@ def test_bf16_ranked_runs_are_marked_and_never_the_headline(tmp_path):
     write_report_from_runs(runs, tmp_path, "test runs")
     page = (tmp_path / "results.md").read_text()
     marked = [line for line in page.splitlines() if "bf16-ranked †" in line]
-    assert len(marked) == 1 and "r1" in marked[0]
+    assert len(marked) == 1 and "r1" in marked[0] and "the headline's config" in marked[0]
     assert "† bf16-ranked: evaluated on bf16 scores" in page
