@@ -19,7 +19,7 @@ COMMON=(--data "$DATA" --experiment beauty --no-progress --config configs/fast_p
 PROJECT_BLOCK=(--set gelu=exact --set dropout_placement=residual --set layer_norm_eps=1e-5
                --set linear_init=torch --set ce_padding_column=false)
 SASREC=(--set model=sasrec --set num_blocks=2 --set num_heads=1 --set dropout=0.5 --set emb_dropout=0.5
-        --set positional_embedding=true "${PROJECT_BLOCK[@]}")
+        --set positional_embedding=true --set batch_size=256 --set eval_every=4 "${PROJECT_BLOCK[@]}")
 [ -f "$DATA/stats.json" ] || python -m diffurec split --data ../shared/datasets/beauty/interactions.parquet --out "$DATA"
 mkdir -p outputs/logs
 
@@ -38,7 +38,7 @@ done
 first=$(echo "$SEEDS" | awk '{print $1}')
 jobs_list+=(
   "beauty-cos40-s$first --set seed=$first ${PROJECT_BLOCK[*]} --tag ablation=reference_transformer --tag ablation_value.reference_transformer=project_block"
-  "beauty-sasrec-cos40-s$first --set seed=$first ${SASREC[*]}"
+  "beauty-sasrec-b256-cos40-s$first --set seed=$first ${SASREC[*]}"
 )
 # the first seed's reference-block run is also the reference_transformer ablation's point
 run_job() { local args; read -r -a args <<< "$1"; run "${args[@]}"; }
