@@ -120,7 +120,7 @@ def evaluate_detailed(model: nn.Module, data: SequenceData, split: str, cfg: Con
                 rows = slice(lo, lo + SCORE_ROWS)
                 scores = None
                 for rep in reps:
-                    s = model.score(rep[rows], items).float()
+                    s = model.score(rep[rows], items)
                     scores = s if scores is None else scores + s
                 exclude = history[rows] if cfg.exclude_history else None
                 ranks = target_ranks(scores, target[rows], exclude)

@@ -473,7 +473,7 @@ class Recommender:
                     rows = slice(lo, lo + SCORE_ROWS)
                     s = None
                     for rep in reps:
-                        part = self.model.score(rep[rows], items).float()
+                        part = self.model.score(rep[rows], items)
                         s = part if s is None else s + part
                     if full is not None:
                         s = exclude_scores(s, full[rows])

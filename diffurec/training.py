@@ -269,7 +269,7 @@ def rank_batches(model: nn.Module, batches: Iterable[dict], cfg: Config, device:
             for rows in (slice(i, i + SCORE_ROWS) for i in range(0, len(target), SCORE_ROWS)):
                 scores = None
                 for rep in reps:
-                    s = model.score(rep[rows], items).float()
+                    s = model.score(rep[rows], items)
                     scores = s if scores is None else scores + s
                 exclude = history[rows] if cfg.exclude_history else None
                 metrics.update(target_ranks(scores, target[rows], exclude))
