@@ -11,6 +11,8 @@ Which runs count:
   ``kind=evaluation``) with test metrics, grouped by (dataset, model, config without seed and
   runtime keys). Each group is one row: mean ± std over its runs (seeds). ``results.json`` keeps,
   per dataset and model, the group with the most runs (ties: best mean validation NDCG@10).
+- **precision**: pairs of main rows whose configs differ in ``precision`` alone (bf16 against
+  fp32): the difference in test NDCG@10 against the seeds' spread, and time per epoch.
 - **ablations**: runs tagged ``ablation=<config key>``; the x value is that key's param. A run
   tagged with several comma-separated keys is the shared baseline of each (``ablation_value.<key>``
   tags give its value where the key is no config key). Training
@@ -233,6 +235,64 @@ def headline(rows: list[dict]) -> dict:
         if current is None or score(row) > score(current):
             best[row["dataset"]][row["model"]] = row
     return {d: dict(sorted(m.items())) for d, m in sorted(best.items())}
+
+
+def precision_comparisons(rows: list[dict]) -> list[dict]:
+    """Pairs of float32-ranked main rows whose configs differ in ``precision`` alone: what bf16
+    autocast costs in quality and what it saves in time. ``within_spread``: the difference of the
+    mean test NDCG@10 is no larger than the larger of the two rows' seed std."""
+    out = []
+    for a in rows:
+        for b in rows:
+            if (a is b or a["bf16_ranked"] or b["bf16_ranked"] or (a["dataset"], a["model"]) != (b["dataset"], b["model"])
+                    or a["config"].get("precision") != "bf16" or b["config"].get("precision") != "fp32"):
+                continue
+            ignored = _ignored_keys(a["config"]) | {"precision"}
+            if any(a["config"].get(k) != b["config"].get(k) for k in set(a["config"]) | set(b["config"])
+                   if k not in ignored):
+                continue
+            if "test/NDCG@10" not in a or "test/NDCG@10" not in b:
+                continue
+            diff = a["test/NDCG@10"]["mean"] - b["test/NDCG@10"]["mean"]
+            spread = max(a["test/NDCG@10"]["std"], b["test/NDCG@10"]["std"])
+            entry = {"dataset": a["dataset"], "model": a["model"], "bf16_runs": a["runs"], "fp32_runs": b["runs"],
+                     "test_ndcg10_difference": diff, "larger_std": spread,
+                     "within_spread": len(a["runs"]) > 1 and len(b["runs"]) > 1 and abs(diff) <= spread}
+            epoch_seconds = {}
+            for name, row in (("bf16", a), ("fp32", b)):
+                secs, epochs = row.get("seconds_to_best"), row.get("best_epoch")
+                if secs and epochs and epochs["mean"] > 0:
+                    epoch_seconds[name] = secs["mean"] / epochs["mean"]
+            if len(epoch_seconds) == 2:
+                entry["epoch_seconds"] = epoch_seconds
+                entry["fp32_over_bf16_time"] = epoch_seconds["fp32"] / epoch_seconds["bf16"]
+            entry["machines"] = sorted(set(a.get("machines", [])) | set(b.get("machines", [])))
+            out.append(entry)
+    return out
+
+
+def _precision_lines(comparisons: list[dict], rows: list[dict]) -> list[str]:
+    by_runs = {tuple(r["runs"]): r for r in rows}
+    lines = ["## Precision: bf16 autocast against fp32", "",
+             "Rows of the main table whose configs differ only in `precision`. Both rank items on float32 "
+             "scores. Time per epoch: training seconds to the best epoch over the best epoch, validation "
+             "excluded; the two rows' runs share a machine only where the machines line says so.", "",
+             "| dataset | model | bf16 test NDCG@10 | fp32 test NDCG@10 | bf16 - fp32 | larger seed std | "
+             "within the seeds' spread | bf16 s/epoch | fp32 s/epoch | fp32 / bf16 time |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        a, b = by_runs[tuple(c["bf16_runs"])], by_runs[tuple(c["fp32_runs"])]
+        secs = c.get("epoch_seconds", {})
+        ratio = f"{c['fp32_over_bf16_time']:.2f}x" if "fp32_over_bf16_time" in c else "-"
+        lines.append(f"| {c['dataset']} | {c['model']} | {_fmt(a['test/NDCG@10'])} (n={len(a['runs'])}) | "
+                     f"{_fmt(b['test/NDCG@10'])} (n={len(b['runs'])}) | {100 * c['test_ndcg10_difference']:+.2f} | "
+                     f"{100 * c['larger_std']:.2f} | {'yes' if c['within_spread'] else 'no'} | "
+                     + " | ".join(f"{secs[k]:.0f}" if k in secs else "-" for k in ("bf16", "fp32"))
+                     + f" | {ratio} |")
+    machines = sorted({m for c in comparisons for m in c["machines"]})
+    if machines:
+        lines += ["", "Machines: " + "; ".join(machines) + "."]
+    return lines + [""]
 
 
 def ablations(runs: list[dict]) -> dict[str, list[dict]]:
@@ -597,6 +657,8 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
     results_json = {**results, "_ablations": abl}
     if sweeps(runs):
         results_json["_sweeps"] = [{k: v for k, v in sw.items() if k != "trials"} for sw in sweeps(runs)]
+    if precision_comparisons(rows):
+        results_json["_precision"] = precision_comparisons(rows)
     if evals:
         results_json["_segments_and_beyond_accuracy"] = evals
     (out_dir / "results.json").write_text(json.dumps(results_json, indent=2, default=str))
@@ -655,6 +717,9 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
                              f"{'reference' if c.get('dropout_placement') == 'reference' else 'project'} block, "
                              f"seeds {row['seeds']}")
         lines.append("")
+    precision = precision_comparisons(rows)
+    if precision:
+        lines += _precision_lines(precision, rows)
     if abl:
         lines += ["## Ablations", ""]
         for name, points in abl.items():

@@ -279,3 +279,36 @@ def test_bf16_ranked_runs_are_marked_and_never_the_headline(tmp_path):
     marked = [line for line in page.splitlines() if "bf16-ranked †" in line]
     assert len(marked) == 1 and "r1" in marked[0] and "the headline's config" in marked[0]
     assert "† bf16-ranked: evaluated on bf16 scores" in page
+
+
+def test_rows_differing_only_in_precision_are_compared(tmp_path):
+    """bf16 and fp32 rows of one config get a comparison: the difference of the means against the
+    larger seed std, and fp32's time per epoch over bf16's. bf16-ranked rows and rows differing in
+    another key are left out."""
+    from diffurec.report import main_groups, precision_comparisons, run_dict, write_report_from_runs
+    from diffurec.tracking import RUN_TAGS
+
+    def run(i, precision, ndcg, seconds, tags=RUN_TAGS, **params):
+        p = {"model": "diffurec", "precision": precision, "seed": str(i), **{k: str(v) for k, v in params.items()}}
+        return run_dict(f"r{i}", "beauty", "FINISHED", i, {"dataset": "beauty", **tags}, p,
+                        {"test/NDCG_at_10": ndcg, "seconds_to_best": seconds, "best_epoch": 10.0})
+
+    bf16 = [run(1, "bf16", 0.045, 700.0), run(2, "bf16", 0.047, 700.0), run(3, "bf16", 0.046, 700.0)]
+    fp32 = [run(4, "fp32", 0.0462, 1100.0), run(5, "fp32", 0.0458, 1200.0)]
+    others = [run(6, "bf16", 0.06, 1.0, tags={}),  # bf16-ranked: not a comparison
+              run(7, "fp32", 0.01, 1.0, lr=0.01)]  # differs in lr too
+    rows = main_groups(bf16 + fp32 + others)
+    (c,) = precision_comparisons(rows)
+    assert c["bf16_runs"] == ["r1", "r2", "r3"] and c["fp32_runs"] == ["r4", "r5"]
+    assert c["test_ndcg10_difference"] == pytest.approx(0.046 - 0.046)
+    assert c["within_spread"] and c["larger_std"] == pytest.approx(0.001)
+    assert c["fp32_over_bf16_time"] == pytest.approx(115.0 / 70.0)
+    # a gap larger than both stds is not within the spread
+    (far,) = precision_comparisons(main_groups(bf16 + [run(4, "fp32", 0.050, 1100.0), run(5, "fp32", 0.0502, 1100.0)]))
+    assert not far["within_spread"]
+    write_report_from_runs(bf16 + fp32 + others, tmp_path, "test runs")
+    page = (tmp_path / "results.md").read_text()
+    assert "## Precision: bf16 autocast against fp32" in page
+    line = next(ln for ln in page.splitlines() if ln.startswith("| beauty | diffurec | 4.60"))
+    assert "| yes |" in line and "| 1.64x |" in line
+    assert json.loads((tmp_path / "results.json").read_text())["_precision"][0]["within_spread"] is True
