@@ -75,6 +75,13 @@ def run_dict(run_id: str, experiment: str, status: str, start_time: int | None, 
             at_best = [v for step, v in history(mlflow_metric_name(key)) if step == int(best_epoch)]
             if at_best:
                 metrics[f"best/{key}"] = at_best[-1]
+    if history is not None:
+        # the median, not the mean: a run sharing its machine for a while (a test suite, a
+        # resumed run's earlier session) keeps its typical epoch time
+        epoch_seconds = sorted(v for _, v in history(mlflow_metric_name("train/seconds")))
+        if epoch_seconds:
+            n = len(epoch_seconds)
+            metrics["epoch_seconds_median"] = (epoch_seconds[(n - 1) // 2] + epoch_seconds[n // 2]) / 2
     return {
         "run_id": run_id,
         "experiment": experiment,
@@ -204,7 +211,7 @@ def main_groups(runs: list[dict]) -> list[dict]:
     for (dataset, model, _, tied), members in groups.items():
         members.sort(key=lambda r: r["params"].get("seed", ""))
         metrics = sorted({k for r in members for k in r["metrics"] if k.startswith(("test/", "valid/", "best/"))
-                          or k in ("seconds_to_best", "best_epoch")})
+                          or k in ("seconds_to_best", "best_epoch", "epoch_seconds_median")})
         row = {"dataset": dataset, "model": model, "runs": [r["run_id"] for r in members],
                "budget": sorted({r["tags"]["budget"] for r in members if "budget" in r["tags"]}),
                "epochs_run": [int(r["metrics"].get("best_epoch", 0)) for r in members],
@@ -239,8 +246,9 @@ def headline(rows: list[dict]) -> dict:
 
 def precision_comparisons(rows: list[dict]) -> list[dict]:
     """Pairs of float32-ranked main rows whose configs differ in ``precision`` alone: what bf16
-    autocast costs in quality and what it saves in time. ``within_spread``: the difference of the
-    mean test NDCG@10 is no larger than the larger of the two rows' seed std."""
+    autocast costs in quality and what it saves in time (median epoch seconds where the runs
+    have histories, else seconds to the best epoch over it). ``within_spread``: the difference
+    of the mean test NDCG@10 is no larger than the larger of the two rows' seed std."""
     out = []
     for a in rows:
         for b in rows:
@@ -257,11 +265,14 @@ def precision_comparisons(rows: list[dict]) -> list[dict]:
             spread = max(a["test/NDCG@10"]["std"], b["test/NDCG@10"]["std"])
             entry = {"dataset": a["dataset"], "model": a["model"], "bf16_runs": a["runs"], "fp32_runs": b["runs"],
                      "test_ndcg10_difference": diff, "larger_std": spread,
-                     "within_spread": len(a["runs"]) > 1 and len(b["runs"]) > 1 and abs(diff) <= spread}
+                     # one seed on either side has no spread to be within
+                     "within_spread": abs(diff) <= spread if len(a["runs"]) > 1 and len(b["runs"]) > 1 else None}
             epoch_seconds = {}
             for name, row in (("bf16", a), ("fp32", b)):
                 secs, epochs = row.get("seconds_to_best"), row.get("best_epoch")
-                if secs and epochs and epochs["mean"] > 0:
+                if row.get("epoch_seconds_median"):
+                    epoch_seconds[name] = row["epoch_seconds_median"]["mean"]
+                elif secs and epochs and epochs["mean"] > 0:
                     epoch_seconds[name] = secs["mean"] / epochs["mean"]
             if len(epoch_seconds) == 2:
                 entry["epoch_seconds"] = epoch_seconds
@@ -271,12 +282,16 @@ def precision_comparisons(rows: list[dict]) -> list[dict]:
     return out
 
 
+SPREAD_WORDS = {True: "yes", False: "no", None: "- (one seed)"}
+
+
 def _precision_lines(comparisons: list[dict], rows: list[dict]) -> list[str]:
     by_runs = {tuple(r["runs"]): r for r in rows}
     lines = ["## Precision: bf16 autocast against fp32", "",
              "Rows of the main table whose configs differ only in `precision`. Both rank items on float32 "
-             "scores. Time per epoch: training seconds to the best epoch over the best epoch, validation "
-             "excluded; the two rows' runs share a machine only where the machines line says so.", "",
+             "scores. Time per epoch: each run's median training seconds per epoch (validation excluded), "
+             "averaged over the row's runs; compare the two only where they ran on one machine "
+             "(the machines line).", "",
              "| dataset | model | bf16 test NDCG@10 | fp32 test NDCG@10 | bf16 - fp32 | larger seed std | "
              "within the seeds' spread | bf16 s/epoch | fp32 s/epoch | fp32 / bf16 time |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -286,7 +301,7 @@ def _precision_lines(comparisons: list[dict], rows: list[dict]) -> list[str]:
         ratio = f"{c['fp32_over_bf16_time']:.2f}x" if "fp32_over_bf16_time" in c else "-"
         lines.append(f"| {c['dataset']} | {c['model']} | {_fmt(a['test/NDCG@10'])} (n={len(a['runs'])}) | "
                      f"{_fmt(b['test/NDCG@10'])} (n={len(b['runs'])}) | {100 * c['test_ndcg10_difference']:+.2f} | "
-                     f"{100 * c['larger_std']:.2f} | {'yes' if c['within_spread'] else 'no'} | "
+                     f"{100 * c['larger_std']:.2f} | {SPREAD_WORDS[c['within_spread']]} | "
                      + " | ".join(f"{secs[k]:.0f}" if k in secs else "-" for k in ("bf16", "fp32"))
                      + f" | {ratio} |")
     machines = sorted({m for c in comparisons for m in c["machines"]})
