@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from throughput import load_data, warmed_up_training  # noqa: E402
 
 from diffurec.config import Config  # noqa: E402
-from diffurec.training import train_epoch  # noqa: E402
+from diffurec.training import precision_used, train_epoch  # noqa: E402
 
 GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 COPY = {"aten::copy_"}
@@ -68,7 +68,7 @@ def main() -> None:
     total = sum(by_kind.values())
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.top]
     print(json.dumps({
-        "data": source, "precision": cfg.precision, "batches": args.batches, "samples": stats["samples"],
+        "data": source, "precision": precision_used(device, cfg.precision), "batches": args.batches, "samples": stats["samples"],
         "samples_per_s": round(stats["samples"] / wall, 1),
         "share": {k: round(v / total, 3) for k, v in by_kind.items()},
         "gemm_only_samples_per_s": round(stats["samples"] / by_kind["gemm"], 1),

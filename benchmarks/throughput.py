@@ -53,6 +53,7 @@ from diffurec.training import (  # noqa: E402
     eval_batches,
     graphed_step,
     make_optimizer,
+    precision_used,
     rank_batches,
     train_epoch,
     training_batches,
@@ -253,6 +254,7 @@ def main() -> None:
     data, source = load_data(args.data)
     cfg = Config().with_sets([f"model={args.model}"] + (args.set or []))
     result = {"data": source, "device": str(device), "threads": torch.get_num_threads(), "model": args.model,
+              "precision": precision_used(device, cfg.precision),
               **({"cpu": cpu_description()} if device.type == "cpu" else {}),
               **measure(cfg, data, device, args)}
     if args.workers:

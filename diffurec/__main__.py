@@ -92,7 +92,7 @@ def cmd_train(args) -> dict:
     import torch
 
     from diffurec.data.sequences import load_sequences
-    from diffurec.training import fit, load_checkpoint, resolve_device, test_best
+    from diffurec.training import fit, load_checkpoint, precision_used, resolve_device, test_best
 
     cfg = load_config(args.config, args.set)
     if args.output_dir:
@@ -122,6 +122,7 @@ def cmd_train(args) -> dict:
                             pending_path=run_dir / PENDING_FILE,
                             tags={"dataset": dataset_name(args.data), "data_path": str(args.data),
                                   "machine": machine_description(device),
+                                  "precision_used": precision_used(device, cfg.precision),
                                   "model": cfg.model, **parse_tags(args.tag)})
         tracker.log_params(config_params(cfg))
         run_dir.mkdir(parents=True, exist_ok=True)

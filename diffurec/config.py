@@ -105,7 +105,8 @@ class Config:
     min_item: int = 5
     # runtime
     device: str = "auto"
-    # auto: bf16 autocast on GPU, fp32 on CPU (the reference numerics); bf16: autocast on CPU too
+    # auto: bf16 autocast on GPU and on CPUs with native bf16 (AVX512-BF16, AMX), fp32 elsewhere
+    # (training.autocast_dtype); fp32 / bf16 force either
     precision: str = "auto"
     # on a GPU, replay each training step as a CUDA graph (diffurec/graphs.py): speed only, and
     # where it is the same step (see graphs_unusable). On an H100 batch-512 training ran at 4.3-6.2x

@@ -7,6 +7,7 @@ does not, so speeds and speed ratios are only comparable between runs on the sam
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -41,3 +42,19 @@ def machine_description(device: str = "cpu") -> str:
 
         return torch.cuda.get_device_name(torch.device(device))
     return cpu_description()
+
+
+@functools.cache
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where bf16 autocast trains
+    about 1.6x faster than fp32. Without it PyTorch emulates bf16 and gains nothing."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(check) for check in checks):
+        return any(check() for check in checks)
+    try:  # an older PyTorch: the kernel's flags
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -94,9 +94,21 @@ def make_lr_scheduler(optimizer, cfg: Config, steps_per_epoch: int):
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """bf16 on GPU by default; on CPU only when asked (precision='bf16'), since it changes the
-    reference's fp32 numerics there. None: no autocast."""
-    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+    """bf16 where it is native: on GPU, and on CPUs with AVX512-BF16 or AMX, where it trains
+    about 1.6x faster than fp32 to the same quality (docs/results.md, "Precision"); fp32 on
+    other CPUs, which would only emulate it. None: no autocast."""
+    if precision == "auto":
+        from diffurec.machine import native_bf16_cpu
+
+        native = device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu())
+        return torch.bfloat16 if native else None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def precision_used(device: torch.device, precision: str = "auto") -> str:
+    """What ``precision`` trains in on this device, 'bf16' or 'fp32': a tag of every run, since
+    ``auto`` means either, by machine."""
+    return "bf16" if autocast_dtype(device, precision) is not None else "fp32"
 
 
 def autocast(device: torch.device, precision: str = "auto", cache_enabled: bool = True):

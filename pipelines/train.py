@@ -231,6 +231,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         fit,
         load_checkpoint,
         pad_to,
+        precision_used,
         seed_everything,
         test_best,
         unwrap,
@@ -281,6 +282,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             tags={"model": cfg.model, "data_dir": str(loop_config["data_dir"]),
                                   "num_workers": str(world), "device": device.type,
                                   "machine": machine_description(device),
+                                  "precision_used": precision_used(device, cfg.precision),
                                   "torch_threads": str(torch.get_num_threads()),
                                   **{k: str(v) for k, v in (loop_config.get("tags") or {}).items()}},
                             run_id=mlflow_run_id, pending_path=loop_config.get("pending_path"))

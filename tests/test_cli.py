@@ -61,6 +61,9 @@ def test_train_on_raw_log_tracks_in_mlflow(log, tmp_path):
     assert run.data.params["noise_schedule"] == "trunc_lin" and run.data.params["hidden_size"] == "16"
     assert "test/NDCG_at_10" in run.data.metrics and "valid/NDCG_at_10" in run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
+    from diffurec.machine import native_bf16_cpu  # precision auto: what it meant on this machine
+
+    assert run.data.tags["precision_used"] == ("bf16" if native_bf16_cpu() else "fp32")
 
 
 @pytest.mark.parametrize("args,match", [

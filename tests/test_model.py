@@ -267,3 +267,29 @@ def test_workers_bucketing_with_the_shared_rng_finish_each_step_together():
     waste = lambda L: L.max(0).sum() / L.mean(0).sum() - 1  # noqa: E731
     assert shared.shape == per_rank.shape == (2, 3 * BUCKET_WINDOW)
     assert waste(shared) < 0.05 < 0.3 < waste(per_rank)
+
+
+def test_auto_precision_is_bf16_on_gpus_and_on_cpus_with_native_bf16(monkeypatch):
+    """``precision=auto`` autocasts to bf16 where bf16 is native (a GPU; AVX512-BF16 or AMX on a
+    CPU), where it trains to the same quality as fp32 (docs/results.md, "Precision"), and keeps
+    fp32 on CPUs that would only emulate bf16; explicit precisions are kept everywhere."""
+    from diffurec import machine
+    from diffurec.training import autocast_dtype, precision_used
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (True, False):
+        monkeypatch.setattr(machine, "native_bf16_cpu", lambda native=native: native)
+        assert autocast_dtype(cpu, "auto") == (torch.bfloat16 if native else None)
+        assert precision_used(cpu) == ("bf16" if native else "fp32")
+        assert autocast_dtype(cuda, "auto") == torch.bfloat16
+        assert autocast_dtype(cpu, "fp32") is None and autocast_dtype(cuda, "fp32") is None
+        assert autocast_dtype(cpu, "bf16") == torch.bfloat16
+    monkeypatch.undo()
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to check the detection against")
+    if "avx512_bf16" in flags:
+        assert machine.native_bf16_cpu()
+    if not any(f in flags for f in ("avx512_bf16", "amx_bf16", "amx_tile")):
+        assert not machine.native_bf16_cpu()
