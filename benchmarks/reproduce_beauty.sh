@@ -6,7 +6,7 @@
 # Long: on a 2-core Intel Xeon VM (AMX) bf16 epochs took 29-33 s alone at 2 threads, and two
 # 40-epoch runs side by side at 1 thread each (LANES=2) took 40-60 minutes. Runs are resumable: a cut-off run
 # continues from its last epoch (`--resume NAME`), a finished one is skipped.
-#   SEEDS="42 43 44" LANES=2 bash benchmarks/reproduce_beauty.sh
+#   SEEDS="42 43 44" LANES=2 [FP32=1] bash benchmarks/reproduce_beauty.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS="${SEEDS:-42 43 44}"
@@ -38,8 +38,16 @@ done
 first=$(echo "$SEEDS" | awk '{print $1}')
 jobs_list+=(
   "beauty-cos40-s$first --set seed=$first ${PROJECT_BLOCK[*]} --tag ablation=reference_transformer --tag ablation_value.reference_transformer=project_block"
-  "beauty-sasrec-b256-cos40-s$first --set seed=$first ${SASREC[*]}"
 )
+for seed in $SEEDS; do
+  jobs_list+=("beauty-sasrec-b256-cos40-s$seed --set seed=$seed ${SASREC[*]}")
+done
+# FP32=1: the headline config in fp32 too, for the report's Precision table (about 1.5x the time)
+if [ "${FP32:-0}" = 1 ]; then
+  for seed in $SEEDS; do
+    jobs_list+=("beauty-cos40-fp32-s$seed --set seed=$seed --set precision=fp32")
+  done
+fi
 # the first seed's reference-block run is also the reference_transformer ablation's point
 run_job() { local args; read -r -a args <<< "$1"; run "${args[@]}"; }
 i=0
