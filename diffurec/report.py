@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -78,10 +79,9 @@ def run_dict(run_id: str, experiment: str, status: str, start_time: int | None, 
     if history is not None:
         # the median, not the mean: a run sharing its machine for a while (a test suite, a
         # resumed run's earlier session) keeps its typical epoch time
-        epoch_seconds = sorted(v for _, v in history(mlflow_metric_name("train/seconds")))
+        epoch_seconds = [v for _, v in history(mlflow_metric_name("train/seconds"))]
         if epoch_seconds:
-            n = len(epoch_seconds)
-            metrics["epoch_seconds_median"] = (epoch_seconds[(n - 1) // 2] + epoch_seconds[n // 2]) / 2
+            metrics["epoch_seconds_median"] = statistics.median(epoch_seconds)
     return {
         "run_id": run_id,
         "experiment": experiment,
@@ -672,8 +672,9 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
     results_json = {**results, "_ablations": abl}
     if sweeps(runs):
         results_json["_sweeps"] = [{k: v for k, v in sw.items() if k != "trials"} for sw in sweeps(runs)]
-    if precision_comparisons(rows):
-        results_json["_precision"] = precision_comparisons(rows)
+    precision = precision_comparisons(rows)
+    if precision:
+        results_json["_precision"] = precision
     if evals:
         results_json["_segments_and_beyond_accuracy"] = evals
     (out_dir / "results.json").write_text(json.dumps(results_json, indent=2, default=str))
@@ -732,7 +733,6 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
                              f"{'reference' if c.get('dropout_placement') == 'reference' else 'project'} block, "
                              f"seeds {row['seeds']}")
         lines.append("")
-    precision = precision_comparisons(rows)
     if precision:
         lines += _precision_lines(precision, rows)
     if abl:

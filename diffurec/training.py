@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffurec import machine
 from diffurec.allocator import keep_freed_memory
 from diffurec.config import Config
 from diffurec.data.batches import batch_order, iterate_batches, num_batches, token_budget_order
@@ -98,9 +99,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     about 1.6x faster than fp32 to the same quality (docs/results.md, "Precision"); fp32 on
     other CPUs, which would only emulate it. None: no autocast."""
     if precision == "auto":
-        from diffurec.machine import native_bf16_cpu
-
-        native = device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu())
+        native = device.type == "cuda" or (device.type == "cpu" and machine.native_bf16_cpu())
         return torch.bfloat16 if native else None
     return torch.bfloat16 if precision == "bf16" else None
 
