@@ -79,9 +79,12 @@ def run_dict(run_id: str, experiment: str, status: str, start_time: int | None, 
     if history is not None:
         # the median, not the mean: a run sharing its machine for a while (a test suite, a
         # resumed run's earlier session) keeps its typical epoch time
-        epoch_seconds = [v for _, v in history(mlflow_metric_name("train/seconds"))]
-        if epoch_seconds:
-            metrics["epoch_seconds_median"] = statistics.median(epoch_seconds)
+        # one value per epoch: a resumed run may log an epoch it re-trains a second time
+        per_epoch = dict(history(mlflow_metric_name("train/seconds")))
+        if per_epoch:
+            metrics["epoch_seconds_median"] = statistics.median(per_epoch.values())
+            metrics["epochs_trained"] = float(max(per_epoch))
+            metrics["train_seconds_total"] = sum(per_epoch.values())
     return {
         "run_id": run_id,
         "experiment": experiment,
@@ -211,7 +214,8 @@ def main_groups(runs: list[dict]) -> list[dict]:
     for (dataset, model, _, tied), members in groups.items():
         members.sort(key=lambda r: r["params"].get("seed", ""))
         metrics = sorted({k for r in members for k in r["metrics"] if k.startswith(("test/", "valid/", "best/"))
-                          or k in ("seconds_to_best", "best_epoch", "epoch_seconds_median")})
+                          or k in ("seconds_to_best", "best_epoch", "epoch_seconds_median", "epochs_trained",
+                                   "train_seconds_total")})
         row = {"dataset": dataset, "model": model, "runs": [r["run_id"] for r in members],
                "budget": sorted({r["tags"]["budget"] for r in members if "budget" in r["tags"]}),
                "epochs_run": [int(r["metrics"].get("best_epoch", 0)) for r in members],
@@ -283,6 +287,91 @@ def precision_comparisons(rows: list[dict]) -> list[dict]:
 
 
 SPREAD_WORDS = {True: "yes", False: "no", None: "- (one seed)"}
+
+
+# keys of the training protocol: how long a config trains, on which learning-rate schedule, how
+# often it validates and when it stops; not what the model is
+PROTOCOL_KEYS = {"epochs", "lr_schedule", "lr_step_epochs", "lr_gamma", "warmup_epochs", "eval_every",
+                 "patience", "stop_on", "reverse_steps", "valid_reverse_steps"}
+
+
+def protocol_comparisons(rows: list[dict]) -> list[dict]:
+    """Pairs of float32-ranked main rows whose configs differ in training-protocol keys alone:
+    the shorter protocol (fewer epochs trained) against the longer one. ``within_one_std``: the
+    shorter one's mean test NDCG@10 is at most the larger seed std below the longer one's (None
+    where a side has one seed); ``meets_goal``: that, in at most a third of the epochs trained."""
+    out = []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if (a["bf16_ranked"] or b["bf16_ranked"] or (a["dataset"], a["model"]) != (b["dataset"], b["model"])
+                    or "test/NDCG@10" not in a or "test/NDCG@10" not in b):
+                continue
+            ignored = NON_MODEL_KEYS - PROTOCOL_KEYS
+            differ = {k for k in set(a["config"]) | set(b["config"])
+                      if k not in ignored and a["config"].get(k) != b["config"].get(k)}
+            if not differ or not differ <= PROTOCOL_KEYS:
+                continue
+            short, long_ = sorted((a, b), key=lambda r: _epochs_trained(r))
+            diff = short["test/NDCG@10"]["mean"] - long_["test/NDCG@10"]["mean"]
+            spread = max(short["test/NDCG@10"]["std"], long_["test/NDCG@10"]["std"])
+            within = diff >= -spread if len(short["runs"]) > 1 and len(long_["runs"]) > 1 else None
+            epochs = {"short": _epochs_trained(short), "long": _epochs_trained(long_)}
+            entry = {"dataset": a["dataset"], "model": a["model"], "short_runs": short["runs"],
+                     "long_runs": long_["runs"], "keys": sorted(differ),
+                     "short_protocol": _schedule(short["config"]), "long_protocol": _schedule(long_["config"]),
+                     "test_ndcg10_difference": diff, "larger_std": spread, "within_one_std": within,
+                     "epochs_trained": epochs,
+                     "best_epoch": {"short": short["best_epoch"]["mean"], "long": long_["best_epoch"]["mean"]}
+                     if "best_epoch" in short and "best_epoch" in long_ else None,
+                     "seconds_to_best": {"short": short["seconds_to_best"]["mean"], "long": long_["seconds_to_best"]["mean"]}
+                     if "seconds_to_best" in short and "seconds_to_best" in long_ else None,
+                     "long_over_short_epochs": epochs["long"] / epochs["short"] if epochs["short"] else None,
+                     "machines": sorted(set(short.get("machines", [])) | set(long_.get("machines", [])))}
+            ratio = entry["long_over_short_epochs"]
+            entry["meets_goal"] = None if within is None else bool(within and ratio is not None and ratio >= 3)
+            out.append(entry)
+    return out
+
+
+def _epochs_trained(row: dict) -> float:
+    """Mean epochs trained by a row's runs: from their histories, else the best epoch (a lower bound)."""
+    stat = row.get("epochs_trained") or row.get("best_epoch")
+    return stat["mean"] if stat else 0.0
+
+
+def _protocol_lines(comparisons: list[dict], rows: list[dict]) -> list[str]:
+    by_runs = {tuple(r["runs"]): r for r in rows}
+    lines = ["## Time to quality: training protocols", "",
+             "Rows of the main table whose configs differ only in how they train (schedule, epochs, "
+             "validation, early stopping): the protocol that trains fewer epochs against the one that "
+             "trains more. Goal: the same test NDCG@10 within one seed std in at most a third of the epochs "
+             "trained. Seconds: training time, validation excluded, mean over the row's runs.", "",
+             "| dataset | model | protocol | n | test HR@10 | test NDCG@10 | best epoch | epochs trained | "
+             "train s to best | train s in all |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    shown = []
+    for c in comparisons:
+        for runs in (c["short_runs"], c["long_runs"]):
+            if tuple(runs) not in shown:
+                shown.append(tuple(runs))
+    for runs in shown:
+        r = by_runs[runs]
+        cells = [f"{r[k]['mean']:.0f}" if k in r else "-"
+                 for k in ("best_epoch", "epochs_trained", "seconds_to_best", "train_seconds_total")]
+        lines.append(f"| {r['dataset']} | {r['model']} | {_schedule(r['config'])} | {len(r['runs'])} | "
+                     f"{_fmt(r.get('test/HR@10'))} | {_fmt(r.get('test/NDCG@10'))} | " + " | ".join(cells) + " |")
+    lines += ["", "| dataset | model | shorter protocol | longer protocol | shorter - longer test NDCG@10 | "
+              "larger seed std | within one std | epochs trained, longer / shorter | goal met |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        ratio = f"{c['long_over_short_epochs']:.1f}x" if c["long_over_short_epochs"] else "-"
+        lines.append(f"| {c['dataset']} | {c['model']} | {c['short_protocol']} | {c['long_protocol']} | "
+                     f"{100 * c['test_ndcg10_difference']:+.2f} | {100 * c['larger_std']:.2f} | "
+                     f"{SPREAD_WORDS[c['within_one_std']]} | {ratio} | {SPREAD_WORDS[c['meets_goal']]} |")
+    machines = sorted({m for c in comparisons for m in c["machines"]})
+    if machines:
+        lines += ["", "Machines: " + "; ".join(machines) + "."]
+    return lines + [""]
 
 
 def _precision_lines(comparisons: list[dict], rows: list[dict]) -> list[str]:
@@ -675,6 +764,9 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
     precision = precision_comparisons(rows)
     if precision:
         results_json["_precision"] = precision
+    protocols = protocol_comparisons(rows)
+    if protocols:
+        results_json["_protocols"] = protocols
     if evals:
         results_json["_segments_and_beyond_accuracy"] = evals
     (out_dir / "results.json").write_text(json.dumps(results_json, indent=2, default=str))
@@ -735,6 +827,8 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
         lines.append("")
     if precision:
         lines += _precision_lines(precision, rows)
+    if protocols:
+        lines += _protocol_lines(protocols, rows)
     if abl:
         lines += ["## Ablations", ""]
         for name, points in abl.items():

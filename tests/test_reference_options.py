@@ -75,6 +75,18 @@ def test_reference_protocol_preset():
     assert cfg.hidden_size == Config().hidden_size and cfg.lr == Config().lr
 
 
+def test_ml1m_preset_matches_the_headline_protocols_optimiser_steps():
+    """ML-1M's preset is the headline protocol with the epochs scaled by training prefixes
+    (982,089 against Beauty's 131,413), the rest of the protocol unchanged."""
+    ml1m = Config.from_yaml(ROOT / "configs" / "ml1m_protocol.yaml")
+    beauty = Config.from_yaml(ROOT / "configs" / "fast_protocol.yaml")
+    assert (ml1m.lr_schedule, ml1m.reverse_steps, ml1m.batch_size) == (beauty.lr_schedule, beauty.reverse_steps, beauty.batch_size)
+    assert ml1m.patience * ml1m.eval_every >= ml1m.epochs  # no early stop, as in the headline
+    steps = {name: cfg.epochs * -(-prefixes // cfg.batch_size)
+             for name, cfg, prefixes in (("ml1m", ml1m, 982_089), ("beauty", beauty, 131_413))}
+    assert 0.9 <= steps["ml1m"] / steps["beauty"] <= 1.2
+
+
 def test_stop_on_any_metric_keeps_training_while_another_metric_improves(data, tmp_path, monkeypatch):
     """NDCG@10 peaks at the first evaluation while HR@20 keeps rising: selection stops after
     `patience` evaluations, any_metric trains on; best.pt stays the NDCG@10 best in both."""

@@ -320,3 +320,48 @@ def test_rows_differing_only_in_precision_are_compared(tmp_path):
     timed = run_dict("r9", "beauty", "FINISHED", 9, {"dataset": "beauty"}, {"model": "diffurec"},
                      {"test/NDCG_at_10": 0.05}, lambda key: seconds.get(key, []))
     assert timed["metrics"]["epoch_seconds_median"] == 115.0
+
+
+def test_rows_differing_only_in_training_protocol_are_compared_for_time_to_quality(tmp_path):
+    """A shorter protocol is set against a longer one of the same config: the difference of the
+    mean test NDCG@10 against the larger seed std, and the epochs each trained (from the runs'
+    histories). The goal is met within one std in at most a third of the epochs."""
+    from diffurec.report import main_groups, protocol_comparisons, run_dict, write_report_from_runs
+    from diffurec.tracking import RUN_TAGS
+
+    def run(i, ndcg, epochs_trained, best_epoch, **params):
+        p = {"model": "diffurec", "precision": "bf16", "seed": str(i), **{k: str(v) for k, v in params.items()}}
+        seconds = {"train/seconds": [(e, 60.0) for e in range(1, epochs_trained + 1)]}
+        return run_dict(f"r{i}", "beauty", "FINISHED", i, {"dataset": "beauty", **RUN_TAGS}, p,
+                        {"test/NDCG_at_10": ndcg, "seconds_to_best": 60.0 * best_epoch, "best_epoch": float(best_epoch)},
+                        lambda key: seconds.get(key, []))
+
+    cosine = dict(epochs=40, lr_schedule="cosine", eval_every=2, patience=100, reverse_steps=4)
+    step = dict(epochs=500, lr_schedule="step", lr_step_epochs=100, lr_gamma=0.1, eval_every=20, patience=5,
+                stop_on="any_metric")
+    fast = [run(1, 0.0458, 40, 34, **cosine), run(2, 0.0462, 40, 30, **cosine), run(3, 0.0460, 40, 38, **cosine)]
+    reference = [run(4, 0.0465, 220, 120, **step), run(5, 0.0470, 240, 140, **step), run(6, 0.0460, 320, 220, **step)]
+    other = [run(7, 0.01, 40, 40, lr=0.01, **cosine)]  # differs in lr too: not a protocol comparison
+    (c,) = protocol_comparisons(main_groups(fast + reference + other))
+    assert c["short_runs"] == ["r1", "r2", "r3"] and c["long_runs"] == ["r4", "r5", "r6"]
+    assert c["epochs_trained"] == {"short": 40.0, "long": pytest.approx(260.0)}
+    assert c["long_over_short_epochs"] == pytest.approx(6.5)
+    assert c["test_ndcg10_difference"] == pytest.approx(0.046 - 0.0465)
+    assert c["within_one_std"] is True and c["meets_goal"] is True
+    assert c["seconds_to_best"] == {"short": pytest.approx(60.0 * 34), "long": pytest.approx(60.0 * 160)}
+    # more than one std below the longer protocol: not the same quality
+    worse = [run(1, 0.0400, 40, 34, **cosine), run(2, 0.0402, 40, 30, **cosine)]
+    (c,) = protocol_comparisons(main_groups(worse + reference))
+    assert c["within_one_std"] is False and c["meets_goal"] is False
+    # the same quality but not a third of the epochs
+    long_cosine = dict(cosine, epochs=120)
+    slow = [run(1, 0.0460, 120, 100, **long_cosine), run(2, 0.0462, 120, 110, **long_cosine)]
+    (c,) = protocol_comparisons(main_groups(slow + reference))
+    assert c["within_one_std"] is True and c["meets_goal"] is False
+    write_report_from_runs(fast + reference + other, tmp_path, "test runs")
+    page = (tmp_path / "results.md").read_text()
+    assert "## Time to quality: training protocols" in page
+    line = next(ln for ln in page.splitlines() if ln.startswith("| beauty | diffurec | cosine to 0 at epoch 40")
+                and "x0.1 every 100 epochs" in ln)
+    assert "| -0.05 |" in line and "| 6.5x | yes |" in line
+    assert json.loads((tmp_path / "results.json").read_text())["_protocols"][0]["meets_goal"] is True
