@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
-# One prepared GPU check (about 4 minutes of device time, start-up aside: 234 s on an H100). Run from the repository root:
+# One prepared GPU check (about 4 minutes of device time for steps 0-3, start-up aside: 234 s on an
+# H100). Run from the repository root:
+#   m. ML-1M trained to the end of configs/ml1m_protocol.yaml (cosine over 6 epochs, validation every
+#      epoch, the best epoch tested): the paper's second benchmark, out of reach of a 2-core CPU.
+#      Opt-in (STEPS="m", then the other steps in a second call on the warm machine). Tracked in an
+#      MLflow file store that comes back as $OUT/ml1m_mlruns.tgz, ready for
+#      `python pipelines/runs.py export --mlflow-uri file://DIR/mlruns --experiment ml-1m`;
 #   0. the GPU-only test: CUDA-graph steps against eager steps (tests/test_cuda_graphs.py);
 #   1. gpu_profile.py: training samples/s, NVML utilisation and profiler kernel time at batch
 #      sizes 512..8192 (bf16 autocast, the default on CUDA), with CUDA graphs (the default) and,
@@ -12,7 +18,9 @@
 # Installs nothing. Ray and MLflow are not in a bare GPU image: if WHEELS (default .gpu/whl)
 # holds their wheels they are unpacked into /tmp/site for step 3 (MLflow's file store then
 # tracks the run: no SQLAlchemy needed); without them step 3 is skipped and says so.
-# DATA: a prepared dataset or raw log (default ../shared's Beauty). DEVICE=cpu dry-runs the
+# DATA: a prepared dataset or raw log (default ../shared's Beauty); ML1M_DATA likewise for step m
+# (default .gpu/ml-1m, which gpu_wheels.sh prepares), ML1M_SETS extra `--set`s for it (a dry run:
+# ML1M_SETS="--set epochs=1"). DEVICE=cpu dry-runs the
 # script on a machine without a GPU. Figures go to stdout and to $OUT (at most 8 files).
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu_check}"; mkdir -p "$OUT"
@@ -48,6 +56,34 @@ echo "== machine"
     $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 } | tee "$OUT/machine.txt"
 
+unpacked() {  # Ray and MLflow from $WHEELS importable, once the unpacking has finished
+    if [ -n "${UNPACK:-}" ]; then
+        wait "$UNPACK" 2>/dev/null || { echo "unpacking $WHEELS failed:"; tail -5 "$OUT/unpack.log"; }
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+        UNPACK=""
+    fi
+    $PY -c "import ray, mlflow" > "$OUT/import.txt" 2>&1
+}
+
+if want m; then
+    ML1M_DATA="${ML1M_DATA:-.gpu/ml-1m}"
+    echo "== m. ML-1M, configs/ml1m_protocol.yaml, seed ${ML1M_SEED:-42}, from $ML1M_DATA"
+    RUN_M=/tmp/gpu_check_ml1m; rm -rf "$RUN_M"; mkdir -p "$RUN_M"
+    TRACK=(--no-mlflow)
+    if unpacked; then TRACK=(--mlflow-uri "file://$RUN_M/mlruns" --experiment ml-1m); else
+        echo "MLflow not importable: the run is not tracked; its metrics come back as ml1m_metrics.jsonl"; fi
+    began=$(date +%s)
+    # shellcheck disable=SC2086  # ML1M_SETS is a list of --set words
+    MLFLOW_ALLOW_FILE_STORE=true timeout "${ML1M_TIMEOUT:-540}" $PY -m diffurec train --data "$ML1M_DATA" \
+        --config configs/ml1m_protocol.yaml --set device="$DEVICE" --set seed="${ML1M_SEED:-42}" \
+        --set output_dir="$RUN_M" ${ML1M_SETS:-} --name "ml1m-gpu-s${ML1M_SEED:-42}" "${TRACK[@]}" \
+        --no-progress > "$OUT/ml1m.json" 2> "$RUN_M/train.err"
+    echo "exit $? after $(( $(date +%s) - began )) s"
+    cat "$OUT/ml1m.json"; grep -E "Error|error" "$RUN_M/train.err" | tail -5
+    cp "$RUN_M"/runs/*/metrics.jsonl "$OUT/ml1m_metrics.jsonl" 2>/dev/null
+    [ -d "$RUN_M/mlruns" ] && tar czf "$OUT/ml1m_mlruns.tgz" -C "$RUN_M" mlruns
+fi
+
 if [ "$DEVICE" = cuda ] && want 0; then
     echo "== 0. GPU test"
     timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py > "$OUT/gpu_test.txt" 2>&1
@@ -77,11 +113,7 @@ fi
 
 if ! want 3; then exit 0; fi
 echo "== 3. Ray Train, 1 worker, 2 epochs, cuda_graphs=${RAY_CUDA_GRAPHS:-true}"
-if [ -n "${UNPACK:-}" ]; then
-    wait "$UNPACK" || { echo "unpacking $WHEELS failed:"; tail -5 "$OUT/unpack.log"; }
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-if ! $PY -c "import ray, mlflow" > "$OUT/import.txt" 2>&1; then
+if ! unpacked; then
     echo "skipped: ray and mlflow are not importable (wheels in $WHEELS: $(ls "$WHEELS" 2>/dev/null | wc -l)):"
     tail -5 "$OUT/import.txt"
     exit 0

@@ -4,9 +4,10 @@
 #   .gpu/whl     Ray 2.60 (its wheel less the Java jars, RLlib, Serve, LLM and source maps, to
 #                fit the 64 MiB a device call carries), mlflow-skinny and the packages both
 #                import that the image lacks;
-#   .gpu/beauty  the prepared Beauty dataset (the device does not see ../shared).
+#   .gpu/beauty, .gpu/ml-1m  the prepared datasets (the device does not see ../shared).
 # Then: device run with carry [".gpu"] and the command
-#   OUT=$OUT DATA=.gpu/beauty bash benchmarks/gpu_check.sh 2>&1
+#   OUT=$OUT STEPS=m bash benchmarks/gpu_check.sh 2>&1                  (ML-1M first)
+#   OUT=$OUT DATA=.gpu/beauty bash benchmarks/gpu_check.sh 2>&1         (then the rest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -34,7 +35,9 @@ with zipfile.ZipFile(sys.argv[1]) as src, zipfile.ZipFile(sys.argv[2], "w", zipf
             out.writestr(info, src.read(info.filename))
 PYEOF
 rm -rf "$TMP"
-if [ ! -d .gpu/beauty ]; then
-    $PY -m diffurec split --data ../shared/datasets/beauty/interactions.parquet --out .gpu/beauty >/dev/null
-fi
+for dataset in beauty ml-1m; do
+    if [ ! -d ".gpu/$dataset" ]; then
+        $PY -m diffurec split --data "../shared/datasets/$dataset/interactions.parquet" --out ".gpu/$dataset" >/dev/null
+    fi
+done
 du -sh .gpu
