@@ -76,6 +76,9 @@ def test_report_from_a_tiny_store(tmp_path, tiny_store):
 
     md = (out / "results.md").read_text()
     assert "5.00 ± 1.00" in md and "7.91" in md and ids[0][:8] in md
+    # the paper and the published re-runs of the reference code beside the runs
+    assert "| beauty | diffurec (published re-runs of the reference code) | - | - | 7.36-7.83 | 4.34-4.73 |" in md
+    assert results["beauty"]["diffurec"]["published_reruns"]["test/NDCG@10"] == pytest.approx([0.0434, 0.0473])
     assert "| beauty | diffurec | headline | 3 |" in md and "| beauty | diffurec | lr=0.01 | 1 |" in md
     assert "Spread across the 3 points (max - min, percentage points): valid/NDCG@10 3.00" in md
     assert (out / "ablation_reverse_steps.png").stat().st_size > 1000
