@@ -13,6 +13,9 @@ Which runs count:
   per dataset and model, the group with the most runs (ties: best mean validation NDCG@10).
 - **precision**: pairs of main rows whose configs differ in ``precision`` alone (bf16 against
   fp32): the difference in test NDCG@10 against the seeds' spread, and time per epoch.
+- **protocols** (time to quality): pairs of main rows whose configs differ in training-protocol
+  keys alone (schedule, epochs, validation, early stopping): the shorter protocol's test NDCG@10
+  against the longer one's, and the epochs and seconds each took.
 - **ablations**: runs tagged ``ablation=<config key>``; the x value is that key's param. A run
   tagged with several comma-separated keys is the shared baseline of each (``ablation_value.<key>``
   tags give its value where the key is no config key). Training
