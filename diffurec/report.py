@@ -347,16 +347,21 @@ def _epochs_trained(row: dict) -> float:
     return stat["mean"] if stat else 0.0
 
 
+def _section_head(title: str, intro: str, columns: list[str]) -> list[str]:
+    """A report section's title, its one-paragraph intro and its table's header."""
+    return [f"## {title}", "", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _protocol_lines(comparisons: list[dict], rows: list[dict]) -> list[str]:
     by_runs = {tuple(r["runs"]): r for r in rows}
-    lines = ["## Time to quality: training protocols", "",
-             "Rows of the main table whose configs differ only in how they train (schedule, epochs, "
-             "validation, early stopping): the protocol that trains fewer epochs against the one that "
-             "trains more. Goal: the same test NDCG@10 within one seed std in at most a third of the epochs "
-             "trained. Seconds: training time, validation excluded, mean over the row's runs.", "",
-             "| dataset | model | protocol | n | test HR@10 | test NDCG@10 | best epoch | epochs trained | "
-             "train s to best | train s in all |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = _section_head(
+        "Time to quality: training protocols",
+        "Rows of the main table whose configs differ only in how they train (schedule, epochs, "
+        "validation, early stopping): the protocol that trains fewer epochs against the one that "
+        "trains more. Goal: the same test NDCG@10 within one seed std in at most a third of the epochs "
+        "trained. Seconds: training time, validation excluded, mean over the row's runs.",
+        ["dataset", "model", "protocol", "n", "test HR@10", "test NDCG@10", "best epoch", "epochs trained",
+         "train s to best", "train s in all"])
     shown = []
     for c in comparisons:
         for runs in (c["short_runs"], c["long_runs"]):
@@ -384,14 +389,14 @@ def _protocol_lines(comparisons: list[dict], rows: list[dict]) -> list[str]:
 
 def _precision_lines(comparisons: list[dict], rows: list[dict]) -> list[str]:
     by_runs = {tuple(r["runs"]): r for r in rows}
-    lines = ["## Precision: bf16 autocast against fp32", "",
-             "Rows of the main table whose configs differ only in `precision`. Both rank items on float32 "
-             "scores. Time per epoch: each run's median training seconds per epoch (validation excluded), "
-             "averaged over the row's runs; compare the two only where they ran on one machine "
-             "(the machines line).", "",
-             "| dataset | model | bf16 test NDCG@10 | fp32 test NDCG@10 | bf16 - fp32 | larger seed std | "
-             "within the seeds' spread | bf16 s/epoch | fp32 s/epoch | fp32 / bf16 time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = _section_head(
+        "Precision: bf16 autocast against fp32",
+        "Rows of the main table whose configs differ only in `precision`. Both rank items on float32 "
+        "scores. Time per epoch: each run's median training seconds per epoch (validation excluded), "
+        "averaged over the row's runs; compare the two only where they ran on one machine "
+        "(the machines line).",
+        ["dataset", "model", "bf16 test NDCG@10", "fp32 test NDCG@10", "bf16 - fp32", "larger seed std",
+         "within the seeds' spread", "bf16 s/epoch", "fp32 s/epoch", "fp32 / bf16 time"])
     for c in comparisons:
         a, b = by_runs[tuple(c["bf16_runs"])], by_runs[tuple(c["fp32_runs"])]
         secs = c.get("epoch_seconds", {})
