@@ -267,9 +267,7 @@ def precision_comparisons(rows: list[dict]) -> list[dict]:
             if (a is b or a["bf16_ranked"] or b["bf16_ranked"] or (a["dataset"], a["model"]) != (b["dataset"], b["model"])
                     or a["config"].get("precision") != "bf16" or b["config"].get("precision") != "fp32"):
                 continue
-            ignored = _ignored_keys(a["config"]) | {"precision"}
-            if any(a["config"].get(k) != b["config"].get(k) for k in set(a["config"]) | set(b["config"])
-                   if k not in ignored):
+            if _differing_keys(a["config"], b["config"], _ignored_keys(a["config"])) - {"precision"}:
                 continue
             if "test/NDCG@10" not in a or "test/NDCG@10" not in b:
                 continue
@@ -294,6 +292,11 @@ def precision_comparisons(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _differing_keys(a: dict, b: dict, ignored: set[str]) -> set[str]:
+    """The config keys, outside ``ignored``, where two configs differ."""
+    return {k for k in a.keys() | b.keys() if k not in ignored and a.get(k) != b.get(k)}
+
+
 SPREAD_WORDS = {True: "yes", False: "no", None: "- (one seed)"}
 
 
@@ -309,14 +312,13 @@ def protocol_comparisons(rows: list[dict]) -> list[dict]:
     shorter one's mean test NDCG@10 is at most the larger seed std below the longer one's (None
     where a side has one seed); ``meets_goal``: that, in at most a third of the epochs trained."""
     out = []
+    ignored = NON_MODEL_KEYS - PROTOCOL_KEYS
     for i, a in enumerate(rows):
         for b in rows[i + 1:]:
             if (a["bf16_ranked"] or b["bf16_ranked"] or (a["dataset"], a["model"]) != (b["dataset"], b["model"])
                     or "test/NDCG@10" not in a or "test/NDCG@10" not in b):
                 continue
-            ignored = NON_MODEL_KEYS - PROTOCOL_KEYS
-            differ = {k for k in set(a["config"]) | set(b["config"])
-                      if k not in ignored and a["config"].get(k) != b["config"].get(k)}
+            differ = _differing_keys(a["config"], b["config"], ignored)
             if not differ or not differ <= PROTOCOL_KEYS:
                 continue
             short, long_ = sorted((a, b), key=lambda r: _epochs_trained(r))
@@ -362,11 +364,7 @@ def _protocol_lines(comparisons: list[dict], rows: list[dict]) -> list[str]:
         "trained. Seconds: training time, validation excluded, mean over the row's runs.",
         ["dataset", "model", "protocol", "n", "test HR@10", "test NDCG@10", "best epoch", "epochs trained",
          "train s to best", "train s in all"])
-    shown = []
-    for c in comparisons:
-        for runs in (c["short_runs"], c["long_runs"]):
-            if tuple(runs) not in shown:
-                shown.append(tuple(runs))
+    shown = dict.fromkeys(tuple(c[side]) for c in comparisons for side in ("short_runs", "long_runs"))
     for runs in shown:
         r = by_runs[runs]
         cells = [f"{r[k]['mean']:.0f}" if k in r else "-"
