@@ -84,7 +84,10 @@ def run_dict(run_id: str, experiment: str, status: str, start_time: int | None, 
             at_best = [v for step, v in history(mlflow_metric_name(key)) if step == int(best_epoch)]
             if at_best:
                 metrics[f"best/{key}"] = at_best[-1]
+    valid_curve: list[tuple[int, float]] = []
     if history is not None:
+        # one point per epoch, the last logged: a resumed run may validate an epoch a second time
+        valid_curve = sorted(dict((int(step), value) for step, value in history(mlflow_metric_name("valid/NDCG@10"))).items())
         # the median, not the mean: a run sharing its machine for a while (a test suite, a
         # resumed run's earlier session) keeps its typical epoch time
         # one value per epoch: a resumed run may log an epoch it re-trains a second time
@@ -103,6 +106,7 @@ def run_dict(run_id: str, experiment: str, status: str, start_time: int | None, 
         "metrics": metrics,
         "dataset": dataset_label(tags.get("dataset") or tags.get("data_dir")),
         "model": params.get("model") or tags.get("model", "unknown"),
+        "valid_curve": valid_curve,
     }
 
 
@@ -719,6 +723,39 @@ def plot_ablation(name: str, points: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_validation_curves(heads: dict, runs: list[dict], path: Path) -> bool:
+    """Validation NDCG@10 per epoch of each headline row's runs, one panel per dataset (their
+    scales differ); False, and no file, when no headline run has a validation history."""
+    by_id = {r["run_id"]: r for r in runs}
+    panels = {dataset: [(model, by_id[rid]) for model, row in models.items() for rid in row["runs"]
+                        if by_id.get(rid, {}).get("valid_curve")]
+              for dataset, models in sorted(heads.items())}
+    panels = {dataset: curves for dataset, curves in panels.items() if curves}
+    if not panels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    for ax, (dataset, curves) in zip(axes[0], panels.items()):
+        for model, run in curves:
+            epochs, values = zip(*run["valid_curve"])
+            seed = run["params"].get("seed", "?")
+            ax.plot(epochs, [100 * v for v in values], marker="o", markersize=3,
+                    label=f"{model} seed {seed} ({run['run_id'][:8]})")
+        ax.set_title(f"{dataset}: headline rows")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("valid NDCG@10 (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return True
+
+
 def write_report(tracking_uri: str, out_dir: str | Path, experiments: list[str] | None = None,
                  ui_base: str | None = None, root: str | Path = ".") -> dict:
     """The pages from a live MLflow store; ``root``: the repository the page names paths from."""
@@ -751,7 +788,7 @@ def store_label(tracking_uri: str, root: str | Path = ".") -> str:
 
 
 def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, ui_base: str | None = None) -> dict:
-    """Write results.md, results.json and the ablation plots; ``source`` names where the runs
+    """Write results.md, results.json, the validation curves and the ablation plots; ``source`` names where the runs
     came from on the page (repository-relative, so the page does not change with the machine)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -843,6 +880,9 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
                              f"{'reference' if c.get('dropout_placement') == 'reference' else 'project'} block, "
                              f"seeds {row['seeds']}")
         lines.append("")
+        if plot_validation_curves(heads, runs, out_dir / "validation_curves.png"):
+            lines += ["Validation NDCG@10 per epoch of the headline rows' runs (each run's own validation "
+                      "epochs; the best one is tested):", "", "![validation curves](validation_curves.png)", ""]
     if precision:
         lines += _precision_lines(precision, rows)
     if protocols:

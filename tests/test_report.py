@@ -83,6 +83,20 @@ def test_report_from_a_tiny_store(tmp_path, tiny_store):
     assert "Spread across the 3 points (max - min, percentage points): valid/NDCG@10 3.00" in md
     assert (out / "ablation_reverse_steps.png").stat().st_size > 1000
     assert (out / "ablation_noise_schedule.png").is_file()
+    # the headline rows' validation curves: drawn and shown on the page
+    assert (out / "validation_curves.png").stat().st_size > 1000
+    assert "![validation curves](validation_curves.png)" in md
+
+
+def test_validation_curve_keeps_one_point_per_epoch_in_epoch_order():
+    from diffurec.report import run_dict
+
+    # a resumed run validates epoch 4 again: the later value stands
+    points = {"valid/NDCG_at_10": [(4, 0.05), (2, 0.03), (4, 0.06), (6, 0.07)]}
+    run = run_dict("r", "e", "FINISHED", 0, {"dataset": "beauty"}, {"model": "diffurec"},
+                   {"best_epoch": 6.0}, lambda key: points.get(key, []))
+    assert run["valid_curve"] == [(2, 0.03), (4, 0.06), (6, 0.07)]
+    assert run_dict("r", "e", "FINISHED", 0, {}, {}, {})["valid_curve"] == []
 
 
 def test_report_on_empty_store_is_a_clear_error(tmp_path):
