@@ -27,6 +27,7 @@ Nothing here is typed by hand except the paper's figures and the published re-ru
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -79,23 +80,26 @@ def run_dict(run_id: str, experiment: str, status: str, start_time: int | None, 
     """
     metrics = {library_metric_name(k): v for k, v in metrics.items()}
     best_epoch = metrics.get("best_epoch")
-    if history is not None and best_epoch is not None:
-        for key in BEST_EPOCH_METRICS:
-            at_best = [v for step, v in history(mlflow_metric_name(key)) if step == int(best_epoch)]
-            if at_best:
-                metrics[f"best/{key}"] = at_best[-1]
     valid_curve: list[tuple[int, float]] = []
     if history is not None:
-        # one point per epoch, the last logged: a resumed run may validate an epoch a second time
-        valid_curve = sorted(dict((int(step), value) for step, value in history(mlflow_metric_name("valid/NDCG@10"))).items())
+        # one value per epoch, the last logged: a resumed run may train or validate an epoch a
+        # second time; cached, so valid NDCG@10's history is read once for its best and its curve
+        @functools.cache
+        def per_epoch(key: str) -> dict[int, float]:
+            return {int(step): value for step, value in history(mlflow_metric_name(key))}
+
+        if best_epoch is not None:
+            for key in BEST_EPOCH_METRICS:
+                if int(best_epoch) in per_epoch(key):
+                    metrics[f"best/{key}"] = per_epoch(key)[int(best_epoch)]
+        valid_curve = sorted(per_epoch("valid/NDCG@10").items())
         # the median, not the mean: a run sharing its machine for a while (a test suite, a
         # resumed run's earlier session) keeps its typical epoch time
-        # one value per epoch: a resumed run may log an epoch it re-trains a second time
-        per_epoch = dict(history(mlflow_metric_name("train/seconds")))
-        if per_epoch:
-            metrics["epoch_seconds_median"] = statistics.median(per_epoch.values())
-            metrics["epochs_trained"] = float(max(per_epoch))
-            metrics["train_seconds_total"] = sum(per_epoch.values())
+        seconds = per_epoch("train/seconds")
+        if seconds:
+            metrics["epoch_seconds_median"] = statistics.median(seconds.values())
+            metrics["epochs_trained"] = float(max(seconds))
+            metrics["train_seconds_total"] = sum(seconds.values())
     return {
         "run_id": run_id,
         "experiment": experiment,
@@ -788,8 +792,9 @@ def store_label(tracking_uri: str, root: str | Path = ".") -> str:
 
 
 def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, ui_base: str | None = None) -> dict:
-    """Write results.md, results.json, the validation curves and the ablation plots; ``source`` names where the runs
-    came from on the page (repository-relative, so the page does not change with the machine)."""
+    """Write results.md, results.json, the validation curves and the ablation plots; ``source``
+    names where the runs came from on the page (repository-relative, so the page does not change
+    with the machine)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = main_groups(runs)
