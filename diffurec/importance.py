@@ -78,7 +78,9 @@ def param_importances(study, seed: int = 0) -> dict[str, dict[str, float]]:
         "ped_anova": get_param_importances(study, evaluator=PedAnovaImportanceEvaluator(), normalize=True),
     }
     order = list(out["fanova"])
-    return {name: {k: float(imp.get(k, 0.0)) for k in order} for name, imp in out.items()}
+    # 6 decimals: the evaluators' last digits differ between CPUs (numpy's SIMD paths), and the
+    # committed report must regenerate byte for byte on any machine
+    return {name: {k: round(float(imp.get(k, 0.0)), 6) for k in order} for name, imp in out.items()}
 
 
 def importance_rows(importances: dict[str, dict[str, float]]) -> list[dict]:

@@ -404,6 +404,10 @@ def fit(cfg: Config, data: SequenceData, run_dir: str | Path, *,
         # on by default: say why this run takes the slower eager steps
         print(f"CUDA graphs not used ({graphs_unusable(model, device, cfg.lr_schedule)}): "
               "training with eager steps", file=sys.stderr, flush=True)
+    if cfg.precision == "bf16" and device.type == "cpu" and not machine.native_bf16_cpu() and is_main:
+        # allowed (the results match fp32's), but PyTorch emulates bf16 on this CPU
+        print("precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): PyTorch emulates it, "
+              "which trains slower than fp32; precision=auto picks fp32 here", file=sys.stderr, flush=True)
     state = LoopState()
     if resume_from is not None:
         unwrap(model).load_state_dict(resume_from["model"])

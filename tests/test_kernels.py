@@ -131,7 +131,8 @@ def test_fused_inference_linear_matches_plain_path(monkeypatch):
     valid[0, :4] = False
     mask = attention_mask(valid, causal=False, length=7, device="cpu")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert approximator._fusable(x) == torch.bfloat16
+        bf16_fused = torch.bfloat16 in approximator.FUSED_DTYPES
+        assert approximator._fusable(x) == (torch.bfloat16 if bf16_fused else None)
         fused = block(x, mask, last_only=True)
         monkeypatch.setattr(approximator, "_HAS_FUSED_LINEAR", False)
         plain = block(x, mask, last_only=True)
@@ -153,9 +154,10 @@ def test_fused_inference_linear_matches_plain_path(monkeypatch):
         assert approximator._fusable(x) is None
 
 
-@pytest.mark.skipif(not approximator._HAS_FUSED_LINEAR, reason="this torch build has no oneDNN fused linear")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_packed_weights_give_the_same_outputs_and_are_dropped_on_exit(dtype):
+    if dtype not in approximator.FUSED_DTYPES:
+        pytest.skip(f"oneDNN's fused linear does not run in {dtype} on this CPU or torch build")
     torch.manual_seed(0)
     stack = approximator.TransformerStack(hidden=32, heads=4, blocks=2, dropout=0.1).eval()
     x = torch.randn(6, 5, 32)
@@ -180,6 +182,31 @@ def test_packed_weights_give_the_same_outputs_and_are_dropped_on_exit(dtype):
         unpacked = stack(x, None)
         with approximator.packed_weights(stack, torch.bfloat16):
             assert torch.equal(stack(x, None), unpacked)
+
+
+def test_fused_dtypes_leave_out_a_dtype_the_cpu_cannot_run(monkeypatch):
+    """On a CPU without AVX512 (AVX2 only) oneDNN's bf16 linear raises: bf16 inference must then
+    take the plain path, not fail in evaluation after an epoch of training."""
+    if not approximator._HAS_FUSED_LINEAR:
+        pytest.skip("this torch build has no oneDNN fused linear")
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+
+    def reorder_without_bf16(weight, *args):
+        if weight.dtype == torch.bfloat16:
+            raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
+        return reorder(weight, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", reorder_without_bf16)
+    dtypes = approximator._fused_linear_dtypes()
+    assert torch.bfloat16 not in dtypes and torch.float32 in dtypes
+    monkeypatch.setattr(approximator, "FUSED_DTYPES", dtypes)
+    stack = approximator.TransformerStack(hidden=32, heads=4, blocks=2, dropout=0.1).eval()
+    x = torch.randn(6, 5, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert approximator._fusable(x) is None
+        plain = stack(x, None)
+        with approximator.packed_weights(stack, torch.bfloat16):
+            assert torch.equal(stack(x, None), plain)
 
 
 def test_last_block_computes_the_last_query_row_only_with_the_same_result():

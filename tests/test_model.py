@@ -293,3 +293,19 @@ def test_auto_precision_is_bf16_on_gpus_and_on_cpus_with_native_bf16(monkeypatch
         assert machine.native_bf16_cpu()
     if not any(f in flags for f in ("avx512_bf16", "amx_bf16", "amx_tile")):
         assert not machine.native_bf16_cpu()
+
+
+def test_bf16_on_a_cpu_without_native_bf16_trains_evaluates_and_says_it_is_emulated(data, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """An explicit ``precision=bf16`` is kept on a CPU that only emulates bf16 (AVX2): training
+    and the best checkpoint's evaluation both run, and the run says why it is slow. The fused
+    oneDNN linear of inference is used only in dtypes this CPU runs it in (test_kernels)."""
+    from diffurec import machine
+
+    monkeypatch.setattr(machine, "native_bf16_cpu", lambda: False)
+    fit(tiny("epochs=1", "precision=bf16"), data, tmp_path / "run", progress=False)
+    assert "PyTorch emulates it" in capsys.readouterr().err
+    test = evaluate_best(tmp_path / "run", data, torch.device("cpu"))
+    assert 0 < test["HR@10"] <= 1
+    fit(tiny("epochs=1", "precision=fp32"), data, tmp_path / "fp32", progress=False)
+    assert "emulates" not in capsys.readouterr().err

@@ -55,8 +55,30 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-_HAS_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-FUSED_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes the fused linear is used in
+def _fused_linear_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes (of bf16 and float32) oneDNN's fused linear runs in on this CPU.
+
+    The build having the op is not enough: its bf16 primitives need AVX512 (BW/VL/DQ) or
+    AVX-NE-CONVERT, and on a CPU without them (AVX2 only) the call raises. A tiny call of
+    each op, once at import, asks the library itself rather than guessing from CPU flags.
+    """
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return ()
+    runs = []
+    for dtype in (torch.bfloat16, torch.float32):
+        x, weight, bias = torch.ones(2, 8, dtype=dtype), torch.ones(4, 8, dtype=dtype), torch.zeros(4, dtype=dtype)
+        try:
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 2)
+                torch.ops.mkldnn._linear_pointwise(x, packed, bias, "gelu", [], "tanh")
+        except RuntimeError:
+            continue
+        runs.append(dtype)
+    return tuple(runs)
+
+
+FUSED_DTYPES = _fused_linear_dtypes()  # the dtypes the fused linear is used in
+_HAS_FUSED_LINEAR = bool(FUSED_DTYPES)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
