@@ -106,7 +106,18 @@ def cmd_train(args) -> dict:
         latest = run_dir / "latest.pt"
         if not latest.is_file():
             raise DiffuRecError(f"--resume {name}: no checkpoint at {latest}")
-        resume_from = torch.load(latest, map_location=device, weights_only=False)
+        resume_from = torch.load(latest, map_location="cpu", weights_only=False)
+        if not args.config:
+            # continue with the run's own config (plus any --set), as pipelines/train.py does: a
+            # resume without the original --config must not train on with the defaults
+            from diffurec.config import Config
+
+            cfg = Config.from_dict(resume_from["config"], source=str(latest)).with_sets(args.set)
+            cfg = cfg.with_overrides({"output_dir": args.output_dir}) if args.output_dir else cfg
+            device = resolve_device(cfg)
+            data = load_sequences(args.data, min_user=cfg.min_user, min_item=cfg.min_item)
+        if device.type != "cpu":
+            resume_from = torch.load(latest, map_location=device, weights_only=False)
     elif (run_dir / "latest.pt").exists():
         raise DiffuRecError(f"run '{name}' already exists at {run_dir}; pass --resume {name} to continue it")
 
@@ -253,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML file of config keys")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--name", help="run name (default: unique)")
-    p.add_argument("--resume", metavar="NAME", help="continue the named run from its latest checkpoint")
+    p.add_argument("--resume", metavar="NAME", help="continue the named run from its latest checkpoint, with its own config (plus any --set)")
     p.add_argument("--output-dir", help="output root (config key output_dir)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or sqlite under the output root)")
     p.add_argument("--experiment", default="diffurec", help="MLflow experiment name")

@@ -49,6 +49,27 @@ def test_split_train_evaluate(log, tmp_path):
     assert resumed["epochs"] == 3
 
 
+def test_resume_without_the_config_continues_with_the_runs_own(log, tmp_path):
+    """`--resume NAME` alone trains on with the run's config (from its checkpoint), not the
+    defaults; a --set still overrides a key (here the number of epochs)."""
+    import torch
+    import yaml
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("lr_schedule: cosine\neval_every: 2\nemb_dropout: 0.45\n")
+    sets = [a for s in TINY for a in ("--set", s)]
+    common = ["--output-dir", str(tmp_path / "o"), "--no-mlflow", "--no-progress"]
+    run_cli("train", "--data", str(log), "--config", str(preset), *sets, "--set", "dropout=0.2", *common,
+            "--name", "c")
+    resumed = last_json(run_cli("train", "--data", str(log), "--set", "epochs=3", *common, "--resume", "c"))
+    assert resumed["epochs"] == 3
+    run_dir = tmp_path / "o" / "runs" / "c"
+    for cfg in (yaml.safe_load((run_dir / "config.yaml").read_text()),
+                torch.load(run_dir / "latest.pt", map_location="cpu", weights_only=False)["config"]):
+        assert (cfg["lr_schedule"], cfg["eval_every"], cfg["emb_dropout"], cfg["dropout"]) == ("cosine", 2, 0.45, 0.2)
+        assert (cfg["hidden_size"], cfg["epochs"]) == (16, 3)
+
+
 def test_train_on_raw_log_tracks_in_mlflow(log, tmp_path):
     sets = [a for s in TINY for a in ("--set", s)]
     out = last_json(run_cli("train", "--data", str(log), *sets, "--output-dir", str(tmp_path / "o"),
