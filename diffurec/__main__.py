@@ -106,18 +106,20 @@ def cmd_train(args) -> dict:
         latest = run_dir / "latest.pt"
         if not latest.is_file():
             raise DiffuRecError(f"--resume {name}: no checkpoint at {latest}")
-        resume_from = torch.load(latest, map_location="cpu", weights_only=False)
+        resume_from = torch.load(latest, map_location=device, weights_only=False)
         if not args.config:
             # continue with the run's own config (plus any --set), as pipelines/train.py does: a
             # resume without the original --config must not train on with the defaults
             from diffurec.config import Config
 
-            cfg = Config.from_dict(resume_from["config"], source=str(latest)).with_sets(args.set)
-            cfg = cfg.with_overrides({"output_dir": args.output_dir}) if args.output_dir else cfg
-            device = resolve_device(cfg)
-            data = load_sequences(args.data, min_user=cfg.min_user, min_item=cfg.min_item)
-        if device.type != "cpu":
-            resume_from = torch.load(latest, map_location=device, weights_only=False)
+            restored = Config.from_dict(resume_from["config"], source=str(latest)).with_sets(args.set)
+            restored = restored.with_overrides({"output_dir": args.output_dir}) if args.output_dir else restored
+            if (restored.min_user, restored.min_item) != (cfg.min_user, cfg.min_item):
+                data = load_sequences(args.data, min_user=restored.min_user, min_item=restored.min_item)
+            if resolve_device(restored) != device:  # the run named its own device
+                device = resolve_device(restored)
+                resume_from = torch.load(latest, map_location=device, weights_only=False)
+            cfg = restored
     elif (run_dir / "latest.pt").exists():
         raise DiffuRecError(f"run '{name}' already exists at {run_dir}; pass --resume {name} to continue it")
 
