@@ -97,8 +97,6 @@ def cmd_train(args) -> dict:
     cfg = load_config(args.config, args.set)
     if args.output_dir:
         cfg = cfg.with_overrides({"output_dir": args.output_dir})
-    device = resolve_device(cfg)
-    data = load_sequences(args.data, min_user=cfg.min_user, min_item=cfg.min_item)
     name = args.resume or args.name or new_run_name(cfg.model)
     run_dir = Path(cfg.output_dir).resolve() / "runs" / name
     resume_from = None
@@ -106,22 +104,21 @@ def cmd_train(args) -> dict:
         latest = run_dir / "latest.pt"
         if not latest.is_file():
             raise DiffuRecError(f"--resume {name}: no checkpoint at {latest}")
-        resume_from = torch.load(latest, map_location=device, weights_only=False)
+        # on the CPU, as pipelines/train.py loads it: fit() moves the state onto the model's device,
+        # and the config that picks the device may be the checkpoint's own
+        resume_from = torch.load(latest, map_location="cpu", weights_only=False)
         if not args.config:
             # continue with the run's own config (plus any --set), as pipelines/train.py does: a
             # resume without the original --config must not train on with the defaults
             from diffurec.config import Config
 
-            restored = Config.from_dict(resume_from["config"], source=str(latest)).with_sets(args.set)
-            restored = restored.with_overrides({"output_dir": args.output_dir}) if args.output_dir else restored
-            if (restored.min_user, restored.min_item) != (cfg.min_user, cfg.min_item):
-                data = load_sequences(args.data, min_user=restored.min_user, min_item=restored.min_item)
-            if resolve_device(restored) != device:  # the run named its own device
-                device = resolve_device(restored)
-                resume_from = torch.load(latest, map_location=device, weights_only=False)
-            cfg = restored
+            cfg = Config.from_dict(resume_from["config"], source=str(latest)).with_sets(args.set)
+            if args.output_dir:
+                cfg = cfg.with_overrides({"output_dir": args.output_dir})
     elif (run_dir / "latest.pt").exists():
         raise DiffuRecError(f"run '{name}' already exists at {run_dir}; pass --resume {name} to continue it")
+    device = resolve_device(cfg)
+    data = load_sequences(args.data, min_user=cfg.min_user, min_item=cfg.min_item)
 
     tracker = None
     if not args.no_mlflow:
