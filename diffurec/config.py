@@ -79,6 +79,9 @@ class Config:
     layer_norm_eps: float = 1e-12
     linear_init: str = "xavier"
     ce_padding_column: bool = True
+    # the training target mixes the one-hot item with e / (columns) on every column, as
+    # torch's cross_entropy(label_smoothing=e); 0 (the reference) trains on the one-hot alone
+    label_smoothing: float = 0.0
     # diffusion
     diffusion_steps: int = 32
     reverse_steps: int = 32
@@ -214,6 +217,7 @@ class Config:
         need(self.hidden_size % self.num_heads == 0, "hidden_size", f"must be divisible by num_heads={self.num_heads}")
         need(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
         need(0 <= self.emb_dropout < 1, "emb_dropout", "must be in [0, 1)")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
         need(self.max_len >= 1, "max_len", "must be >= 1")
         need(self.diffusion_steps >= 1, "diffusion_steps", "must be >= 1")
         need(

@@ -23,6 +23,7 @@ def test_defaults_are_the_reference():
     (["bogus=1"], "unknown config key 'bogus'"),
     (["epochs=abc"], "epochs"),
     (["hidden_size=30"], "num_heads"),
+    (["label_smoothing=1.0"], r"label_smoothing.*\[0, 1\)"),
 ])
 def test_invalid_values_name_the_key(sets, match):
     with pytest.raises(DiffuRecError, match=match):

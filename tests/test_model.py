@@ -87,6 +87,31 @@ def test_bucketed_and_unbucketed_batches_give_the_same_loss(data, model):
     assert torch.allclose(bucketed, padded_to_max, atol=1e-4)
 
 
+@pytest.mark.parametrize("model", ["diffurec", "sasrec"])
+def test_label_smoothing_is_the_models_training_loss(data, model):
+    """Both models' losses follow label_smoothing: torch's smoothed cross-entropy of their scores
+    over every softmax column (the padding id's row included, as ce_padding_column keeps it)."""
+    torch.manual_seed(0)
+    net = build_model(tiny(f"model={model}", "lambda_std=0"), data.num_items).eval()
+    smoothed = build_model(tiny(f"model={model}", "lambda_std=0", "label_smoothing=0.3"), data.num_items).eval()
+    smoothed.load_state_dict(net.state_dict())
+    ex = train_examples(data, 20)
+    history = torch.from_numpy(pad_histories(data.items, ex.start[:32], ex.end[:32], pad_to=20))
+    target = torch.from_numpy(data.items[ex.end[:32]]).long()
+    extra = {"t": torch.randint(0, 8, (32,)), "noise": torch.randn(32, 32)} if model == "diffurec" else {}
+    with torch.no_grad():
+        plain = net(history, target, **extra)["losses"]
+        got = smoothed(history, target, **extra)["losses"]
+    rep = smoothed.approximator(*smoothed.embed_history(history), smoothed.diffusion.q_sample(
+        smoothed.item_embeddings(target), extra["t"], extra["noise"]), extra["t"]) if model == "diffurec" \
+        else smoothed.encode(history)
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(rep @ smoothed.item_embeddings.weight.t(), target,
+                                                 reduction="none", label_smoothing=0.3)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    assert not torch.allclose(got, plain)
+
+
 def test_attend_to_padding_changes_scores(data):
     """The reference's attention to padding is kept as an option (for the ablation)."""
     torch.manual_seed(0)

@@ -43,6 +43,7 @@ class SequenceEncoderBase(nn.Module):
         self.block_options = BlockOptions.from_config(cfg)
         self.emb_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.ce_padding_column = cfg.ce_padding_column
+        self.label_smoothing = cfg.label_smoothing
 
     def embed_history(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[B, L] left-padded ids -> (representations [B, L, H], attention mask or None)."""
@@ -86,8 +87,9 @@ class SequenceEncoderBase(nn.Module):
         """
         dtype = compute_dtype(rep)
         if self.ce_padding_column:
-            return full_cross_entropy(rep.to(dtype), self.item_embeddings.weight.to(dtype), target)
-        return full_cross_entropy(rep.to(dtype), self.item_matrix(dtype), target - 1)
+            return full_cross_entropy(rep.to(dtype), self.item_embeddings.weight.to(dtype), target,
+                                      self.label_smoothing)
+        return full_cross_entropy(rep.to(dtype), self.item_matrix(dtype), target - 1, self.label_smoothing)
 
 
 class DiffuRec(SequenceEncoderBase):

@@ -17,13 +17,23 @@ import torch
 
 class _FullCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rep: torch.Tensor, items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, rep: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
+                label_smoothing: float) -> torch.Tensor:
         with torch.autocast(rep.device.type, enabled=False):
             probs = torch.softmax(rep @ items.t(), dim=-1)
             target_prob = probs.gather(1, target[:, None]).squeeze(1).float()
             # -log p(target); a probability that underflows float32 (a target more than ~87 nats
             # below the best item) reports a loss of 87.3, its gradient is still exact
             losses = -target_prob.clamp_min(torch.finfo(torch.float32).tiny).log()
+            if label_smoothing:
+                # (1 - e) (-log p_t) + e mean_j(-log p_j), with -log p_j = lse - s_j and
+                # lse = s_t - log p_t: -log p_t + e (s_t - mean_j s_j), from [B, H] operands
+                # only, so the [B, items] matrix is not walked again
+                rep32 = rep.float()
+                target_score = (rep32 * items[target].float()).sum(-1)
+                mean_score = rep32 @ items.float().mean(0)
+                losses = losses + label_smoothing * (target_score - mean_score)
+        ctx.label_smoothing = label_smoothing
         ctx.save_for_backward(probs, rep, items, target)
         return losses
 
@@ -35,26 +45,38 @@ class _FullCrossEntropy(torch.autograd.Function):
         ctx.probs_overwritten = True
         probs, rep, items, target = ctx.saved_tensors
         with torch.autocast(rep.device.type, enabled=False):
-            # d loss_i / d score_ij = p_ij - [j = target_i], written over the saved probs (the
-            # [B, items] matrix is not copied). One entry per row, so plain indexing:
-            # scatter_add_ upcasts the whole bf16 matrix
+            # d loss_i / d score_ij = p_ij - (1 - e) [j = target_i] - e / N, written over the
+            # saved probs (the [B, items] matrix is not copied). One entry per row, so plain
+            # indexing: scatter_add_ upcasts the whole bf16 matrix
+            smoothing = ctx.label_smoothing
             rows = torch.arange(len(target), device=target.device)
-            probs[rows, target] -= 1
+            probs[rows, target] -= 1 - smoothing
             grad_scores = probs
             # the per-example upstream gradients scale rows: apply them to the [B, H] operands
             # rather than to the [B, items] matrix
             row_scale = grad_losses.to(probs.dtype)[:, None]
+            scaled_rep = rep * row_scale
             grad_rep = (grad_scores @ items) * row_scale
-            grad_items = grad_scores.t() @ (rep * row_scale)
-        return grad_rep, grad_items, None
+            grad_items = grad_scores.t() @ scaled_rep
+            if smoothing:
+                # the uniform -e / N term is rank one: applied to the GEMMs' results, not to
+                # every entry of the [B, items] matrix
+                grad_rep = grad_rep - smoothing * items.float().mean(0).to(rep.dtype) * row_scale
+                grad_items = grad_items - (smoothing / len(items)) * scaled_rep.float().sum(0).to(items.dtype)
+        return grad_rep, grad_items, None, None
 
 
-def full_cross_entropy(rep: torch.Tensor, items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def full_cross_entropy(rep: torch.Tensor, items: torch.Tensor, target: torch.Tensor,
+                       label_smoothing: float = 0.0) -> torch.Tensor:
     """Per-example cross-entropy of the scores ``rep @ items.T`` against column ``target``.
 
     ``rep`` [B, H] and ``items`` [N, H] must share a dtype: the scores and softmax are in it
     (bf16 under autocast), the softmax accumulates in float32, the losses [B] are float32.
+    ``label_smoothing`` e mixes the one-hot target with the uniform distribution over all N
+    columns, as ``torch.nn.functional.cross_entropy(label_smoothing=e)`` does.
     """
     if rep.dtype != items.dtype:
         raise TypeError(f"rep is {rep.dtype} but items is {items.dtype}")
-    return _FullCrossEntropy.apply(rep, items, target)
+    if not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    return _FullCrossEntropy.apply(rep, items, target, float(label_smoothing))
