@@ -166,7 +166,7 @@ def test_quality_space_has_the_knobs_that_move_quality():
     space = load_space(SPACES / "quality.yaml")
     assert set(space.params) >= {
         "noise_schedule", "diffusion_steps", "reverse_steps", "lambda_mean", "lambda_std", "lr", "lr_schedule",
-        "weight_decay", "dropout", "emb_dropout", "hidden_size", "num_blocks", "num_heads", "max_len",
+        "weight_decay", "dropout", "emb_dropout", "label_smoothing", "hidden_size", "num_blocks", "num_heads", "max_len",
         "positional_embedding", "batch_size"}
     # lambda reaches the scale of the history's embeddings
     assert space.params["lambda_mean"].high >= 1.0
