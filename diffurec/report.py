@@ -882,6 +882,8 @@ def write_report_from_runs(runs: list[dict], out_dir: str | Path, source: str, u
                              f"heads {c['num_heads']}, T={c['diffusion_steps']}, S={c['reverse_steps']}, "
                              f"{c['noise_schedule']}, lambda {c['lambda_mean']}±{c['lambda_std']}, "
                              f"lr {c['lr']} ({_schedule(c)}), batch {c['batch_size']}, "
+                             f"dropout {c['dropout']} / {c['emb_dropout']} (embeddings), "
+                             f"label smoothing {c.get('label_smoothing', 0.0)}, "
                              f"{'reference' if c.get('dropout_placement') == 'reference' else 'project'} block, "
                              f"seeds {row['seeds']}")
         lines.append("")
