@@ -25,15 +25,17 @@ class _FullCrossEntropy(torch.autograd.Function):
             # -log p(target); a probability that underflows float32 (a target more than ~87 nats
             # below the best item) reports a loss of 87.3, its gradient is still exact
             losses = -target_prob.clamp_min(torch.finfo(torch.float32).tiny).log()
+            item_mean = None
             if label_smoothing:
                 # (1 - e) (-log p_t) + e mean_j(-log p_j), with -log p_j = lse - s_j and
                 # lse = s_t - log p_t: -log p_t + e (s_t - mean_j s_j), from [B, H] operands
                 # only, so the [B, items] matrix is not walked again
                 rep32 = rep.float()
                 target_score = (rep32 * items[target].float()).sum(-1)
-                mean_score = rep32 @ items.float().mean(0)
+                item_mean = items.float().mean(0)  # [H], reused by the backward
+                mean_score = rep32 @ item_mean
                 losses = losses + label_smoothing * (target_score - mean_score)
-        ctx.label_smoothing = label_smoothing
+        ctx.label_smoothing, ctx.item_mean = label_smoothing, item_mean
         ctx.save_for_backward(probs, rep, items, target)
         return losses
 
@@ -61,7 +63,7 @@ class _FullCrossEntropy(torch.autograd.Function):
             if smoothing:
                 # the uniform -e / N term is rank one: applied to the GEMMs' results, not to
                 # every entry of the [B, items] matrix
-                grad_rep = grad_rep - smoothing * items.float().mean(0).to(rep.dtype) * row_scale
+                grad_rep = grad_rep - smoothing * ctx.item_mean.to(rep.dtype) * row_scale
                 grad_items = grad_items - (smoothing / len(items)) * scaled_rep.float().sum(0).to(items.dtype)
         return grad_rep, grad_items, None, None
 
